@@ -1,4 +1,4 @@
-"""The command line: ``raysim run | validate | sweep | report``.
+"""The command line: ``raysim run | resume | validate | sweep | report``.
 
 Every user error ends in one line naming the field and the fix, and exit code 2, with no traceback.
 """
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from raysim.config import load_scenario, scenario_to_yaml
+from raysim.config import Scenario, load_scenario, scenario_to_yaml
 from raysim.errors import ScenarioError
 
 EXIT_USAGE = 2
@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a scenario value, e.g. --set training.lr=0.1 (repeatable)")
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue this scenario's run folder (output.dir/name) from its newest checkpoint")
+    resume = commands.add_parser("resume", help="continue a run from its newest checkpoint")
+    resume.add_argument("run_dir", type=Path, help="the run folder, e.g. results/quickstart")
+    resume.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     validate = commands.add_parser("validate", help="check a scenario without running it")
     validate.add_argument("scenario")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -43,10 +48,41 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from raysim.engine.runner import execute
-
     scenario = load_scenario(args.scenario, args.overrides)
-    result = execute(scenario, address=args.address)
+    run_dir = None
+    if args.resume:
+        run_dir = Path(scenario.output.dir) / scenario.name
+        saved = _resumable(run_dir, "--resume")
+        if saved != scenario:
+            field = next(k for k in type(scenario).model_fields if getattr(saved, k) != getattr(scenario, k))
+            raise ScenarioError(f"--resume: {field} differs from {run_dir / 'config.yaml'}; resume with the same "
+                                "scenario and overrides, or start a new run without --resume")
+    return _execute(scenario, args.address, run_dir)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    return _execute(_resumable(args.run_dir, "resume"), args.address, args.run_dir)
+
+
+def _resumable(run_dir: Path, what: str) -> Scenario:
+    """The scenario of an unfinished run folder."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise ScenarioError(f"{what}: {run_dir} holds no run (config.yaml is missing); give the run folder, "
+                            "e.g. results/quickstart")
+    if (run_dir / "summary.json").is_file():
+        raise ScenarioError(f"{what}: the run in {run_dir} already finished (summary.json exists); nothing to resume")
+    return load_scenario(config)
+
+
+def _execute(scenario: Scenario, address: str | None, run_dir: Path | None) -> int:
+    from raysim.engine.runner import Interrupted, execute
+
+    try:
+        result = execute(scenario, address=address, resume=run_dir)
+    except Interrupted as stop:
+        print(f"raysim: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     final = result.summary["final"]
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items() if k in ("accuracy", "loss", "round")}
     print(f"raysim: {scenario.name} finished in {result.summary['wall_seconds']:.1f}s: {json.dumps(shown)}; results in {result.run_dir}")
@@ -96,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``raysim`` command."""
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "validate": _validate, "sweep": _sweep, "report": _report}[args.command](args)
+        return {"run": _run, "resume": _resume, "validate": _validate, "sweep": _sweep, "report": _report}[args.command](args)
     except ScenarioError as err:
         print(f"raysim: error: {err}", file=sys.stderr)
         return EXIT_USAGE

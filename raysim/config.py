@@ -17,7 +17,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raysim.errors import ScenarioError
+from raysim.errors import ScenarioError, shown, shown_text
+
+
+def path_exists(path: str, *, file: bool = False) -> bool:
+    """``Path.exists`` (or ``is_file``), false rather than an OSError for a name the OS refuses
+    (a component over 255 bytes, a path over 4096) or a ValueError for an embedded NUL."""
+    try:
+        return Path(path).is_file() if file else Path(path).exists()
+    except (OSError, ValueError):
+        return False
 
 
 class _Strict(BaseModel):
@@ -54,16 +63,16 @@ class DataConfig(_Strict):
             if not self.path:
                 raise ValueError(f"data.path: source '{self.source}' reads a file; set data.path to it")
             for field, value in (("data.path", self.path), ("data.test_path", self.test_path)):
-                if value and not Path(value).exists():
-                    raise ValueError(f"{field}: file not found: {value}; check the path")
+                if value and not path_exists(value):
+                    raise ValueError(f"{field}: file not found: {shown_text(value)}; check the path")
         if self.source == "text":
             if not self.path:
                 raise ValueError("data.path: source 'text' reads a .jsonl, .csv, .parquet or .txt file "
                                  "or a Hub dataset name; set data.path")
             for field, value in (("data.path", self.path), ("data.test_path", self.test_path)):
                 if value and Path(value).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet", ".txt") \
-                        and not Path(value).exists():
-                    raise ValueError(f"{field}: file not found: {value}; check the path")
+                        and not path_exists(value):
+                    raise ValueError(f"{field}: file not found: {shown_text(value)}; check the path")
         return self
 
 
@@ -301,6 +310,7 @@ class ExecutorConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0.0)
     clients_per_call: int = Field(5, ge=1, description="clients trained per Ray call; fixes the reduction order")
     calls_in_flight: int = Field(2, ge=1, description="calls queued per worker so it never idles")
+    max_worker_failures: int = Field(100, ge=0, description="worker deaths survived before the run stops")
 
     @field_validator("num_workers")
     @classmethod
@@ -385,8 +395,8 @@ class SystemConfig(_Strict):
         Availability(**self.availability.model_dump()).check()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"system.dropout: must be in [0, 1) (got {self.dropout}); it is a per-task probability")
-        if self.trace is not None and not Path(self.trace).is_file():
-            raise ValueError(f"system.trace: file not found: {self.trace}; check the path")
+        if self.trace is not None and not path_exists(self.trace, file=True):
+            raise ValueError(f"system.trace: file not found: {shown_text(self.trace)}; check the path")
         if not (math.isfinite(self.over_selection) and self.over_selection >= 1.0):
             raise ValueError(f"system.over_selection: must be >= 1 (got {self.over_selection}); FedScale uses 1.3")
         if self.deadline_s is not None and not (self.deadline_s > 0):
@@ -437,6 +447,79 @@ class AsyncConfig(_Strict):
         return self
 
 
+class CheckpointConfig(_Strict):
+    """Checkpoints every ``every`` rounds (server steps in async modes), and on SIGINT or SIGTERM."""
+
+    every: int = Field(10, ge=1, description="rounds between checkpoints")
+    keep: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
+
+
+class FaultsConfig(_Strict):
+    """Chaos testing: faults injected on purpose, each chosen deterministically from the seed.
+
+    Client faults draw one uniform u per (seed, round, client) and take consecutive intervals of it
+    (errors, then NaN, Inf and huge updates), so the same fraction always hits the same clients.
+    """
+
+    kill_worker_every: int | None = Field(None, ge=1, description="a worker process exits at its N-th train call")
+    delay_worker: int | None = Field(None, ge=0, description="the worker (by position) that sleeps before each call")
+    delay_seconds: float = Field(0.0, ge=0.0, le=3600.0)
+    client_error_fraction: float = Field(0.0, ge=0.0, le=1.0, description="clients whose training raises")
+    nan_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    inf_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    huge_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    huge_scale: float = Field(1e6, gt=0.0, description="a huge update is the client's update times this")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> FaultsConfig:
+        total = self.client_error_fraction + self.nan_fraction + self.inf_fraction + self.huge_fraction
+        if total > 1.0:
+            raise ValueError(f"faults.client_error_fraction: the client fault fractions add up to {total:g} > 1; lower them")
+        return self
+
+    @property
+    def client_faults(self) -> bool:
+        return self.client_error_fraction + self.nan_fraction + self.inf_fraction + self.huge_fraction > 0
+
+
+class AggregationConfig(_Strict):
+    """How the server combines individual updates: the weighted mean, or a Byzantine-robust rule.
+
+    ``norm_bound`` clips (or rejects) each update to an L2 norm before any rule, and composes with
+    secure aggregation (the client clips before encoding). The robust rules need individual updates.
+    """
+
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multikrum"] = "mean"
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="trimmed mean: β, dropped at each end")
+    byzantine: int = Field(0, ge=0, description="Krum: f, the Byzantine clients tolerated per round")
+    multikrum: int | None = Field(None, ge=1, description="Multi-Krum: m updates averaged (default n − f)")
+    norm_bound: float | None = Field(None, gt=0.0, description="L2 bound on each client update")
+    norm_bound_action: Literal["clip", "reject"] = "clip"
+
+
+class CompressionConfig(_Strict):
+    """Client → server compression of each update, with optional error feedback."""
+
+    kind: Literal["none", "topk", "randk", "random_mask", "quantize", "sign"] = "none"
+    fraction: float = Field(0.01, gt=0.0, le=1.0, description="top-k, random-k, random mask: fraction kept")
+    bits: int = Field(8, ge=1, le=16, description="quantize: bits per coordinate")
+    stochastic: bool = Field(True, description="quantize: unbiased stochastic rounding")
+    error_feedback: bool = Field(False, description="keep each client's residual and add it next time")
+
+
+class AdversaryConfig(_Strict):
+    """A seeded fraction of malicious clients and the attack they run."""
+
+    fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    attack: Literal["sign_flip", "scaling", "noise", "label_flip", "backdoor"] = "sign_flip"
+    scale: float = Field(10.0, gt=0.0, description="sign_flip and scaling: the factor applied")
+    noise_std: float = Field(1.0, gt=0.0, description="noise: std of the Gaussian that replaces the update")
+    target_label: int = Field(0, ge=0, description="backdoor: the label the trigger maps to")
+    trigger_size: int = Field(3, ge=1, description="backdoor: trigger features (or square side for images)")
+    trigger_value: float = Field(3.0, description="backdoor: the trigger's feature value")
+    poison_fraction: float = Field(0.5, gt=0.0, le=1.0, description="backdoor: share of a client's samples poisoned")
+
+
 class Scenario(_Strict):
     """One federated-learning experiment."""
 
@@ -458,6 +541,11 @@ class Scenario(_Strict):
     output: OutputConfig = OutputConfig()
     system: SystemConfig | None = None
     asynchronous: AsyncConfig | None = None
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    faults: FaultsConfig | None = None
+    aggregation: AggregationConfig = AggregationConfig()
+    compression: CompressionConfig | None = None
+    adversary: AdversaryConfig | None = None
 
     @model_validator(mode="after")
     def _virtual_time(self) -> Scenario:
@@ -527,6 +615,37 @@ class Scenario(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _robustness(self) -> Scenario:
+        """Robust rules, compression and attacks against the layers they cannot compose with."""
+        rule, compression = self.aggregation.rule, self.compression
+        if rule != "mean":
+            for block, why in (("secure_aggregation", "the server only ever sees the sum"),
+                               ("privacy", "DP's sensitivity analysis assumes the mean"),
+                               ("asynchronous", "async steps fold updates as they arrive")):
+                if getattr(self, block) is not None:
+                    raise ValueError(f"aggregation.rule: {rule} needs individual updates, but {why} with {block}; "
+                                     "use rule: mean (norm_bound composes) or remove the block")
+            if rule in ("krum", "multikrum") and self.sampling.kind == "uniform":
+                n, f = self.sampling.clients_per_round, self.aggregation.byzantine
+                if n <= 2 * f + 2:
+                    raise ValueError(f"aggregation.byzantine: Krum needs n > 2f + 2 clients per round (got n={n}, f={f}); "
+                                     "lower aggregation.byzantine or raise sampling.clients_per_round")
+        if compression is not None and compression.kind != "none":
+            if self.secure_aggregation is not None and compression.kind != "random_mask":
+                raise ValueError(f"compression.kind: {compression.kind} does not compose with secure aggregation (masks "
+                                 "need every client to send the same coordinates); use random_mask, the shared mask")
+            if self.secure_aggregation is not None and self.strategy.name == "scaffold":
+                raise ValueError("compression.kind: the shared random mask does not carry SCAFFOLD's control variates; "
+                                 "remove compression or use another strategy")
+            if self.privacy is not None:
+                raise ValueError("compression.kind: compression with differential privacy is not supported yet; remove one")
+            if self.asynchronous is not None:
+                raise ValueError("compression.kind: compression is not supported in asynchronous modes yet; remove one")
+        if self.adversary is not None and self.data.source in ("shakespeare_lm", "shakespeare_genre", "text"):
+            raise ValueError("adversary: attacks are simulated for classification of numeric features; remove the block")
+        return self
+
+    @model_validator(mode="after")
     def _language_model(self) -> Scenario:
         """Text sources and language models go together; the adapters are checked on a weightless model."""
         text = self.data.source in ("shakespeare_lm", "shakespeare_genre", "text")
@@ -579,22 +698,37 @@ _NAMED_FIELD = re.compile(r"^[a-z_][a-z0-9_.]*: ")
 
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"])
+    loc = shown_text(".".join(str(part) for part in first["loc"]))
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"{loc}: unknown key; remove it or check its spelling (see `raysim validate --help`)"
     if _NAMED_FIELD.match(msg):
         return msg
     got = first.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    echoed = "" if isinstance(got, dict) else f" (got {shown(got)})"
     where = loc or "scenario"
-    return f"{where}: {msg}{shown}; fix it in the scenario or with --set {where}=..."
+    return f"{where}: {msg}{echoed}; fix it in the scenario or with --set {where}=..."
+
+
+def _check_int_range(value: Any, where: str) -> None:
+    """Refuse integers beyond int64, which no count, size or seed can be: unbounded fields such as
+    training.batch_size would otherwise take 10^400 and fail deep inside a worker."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            _check_int_range(child, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for child in value:
+            _check_int_range(child, where)
+    elif isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ScenarioError(f"{shown_text(where or 'scenario')}: {shown(value)} is beyond any count or size "
+                            "(|n| < 2^63); use a realistic value")
 
 
 def parse_scenario(raw: Any) -> Scenario:
     """Validate a mapping into a Scenario, turning pydantic's report into one line."""
     if not isinstance(raw, dict):
         raise ScenarioError("scenario: the file must hold a YAML mapping of keys to values")
+    _check_int_range(raw, "")
     try:
         return Scenario.model_validate(raw)
     except ValidationError as err:
@@ -605,6 +739,7 @@ def _safe_yaml(text: str, source: str) -> Any:
     if len(text) > 1_000_000:
         raise ScenarioError(f"{source}: scenario file is larger than 1 MB; a scenario is a short YAML file")
     try:
+        _check_depth(text, source)
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
@@ -620,8 +755,28 @@ def _safe_yaml(text: str, source: str) -> Any:
     _check_expansion(node, source)
     try:
         return yaml.SafeLoader(text).get_single_data()
-    except (yaml.YAMLError, RecursionError):
-        raise ScenarioError(f"{source}: YAML could not be read; fix the file") from None
+    except Exception as err:  # a tag on the wrong scalar (!!int abc) raises ValueError, TypeError or AttributeError
+        problem = getattr(err, "problem", None) or f"{type(err).__name__}: {err}"
+        raise ScenarioError(f"{source}: YAML could not be read ({shown_text(str(problem))}); fix the file") from None
+
+
+def _check_depth(text: str, source: str, limit: int = 32) -> None:
+    """Refuse deep nesting while parsing, before composing: PyYAML's parser keeps an explicit stack,
+    but its composer and constructor recurse once per level and overflow Python's stack near 1,000."""
+    loader = yaml.SafeLoader(text)
+    depth = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > limit:
+                    raise ScenarioError(f"{source}: YAML nested deeper than {limit} levels; "
+                                        "a scenario is at most a few levels deep")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    finally:
+        loader.dispose()
 
 
 def _check_expansion(node: yaml.Node, source: str, budget: int = 10_000) -> None:
@@ -648,13 +803,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     merged = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
-            raise ScenarioError(f"--set {item}: expected key.path=value, e.g. --set training.lr=0.1")
+            raise ScenarioError(f"--set {shown_text(item)}: expected key.path=value, e.g. --set training.lr=0.1")
         path, text = item.split("=", 1)
         keys = [k for k in path.strip().split(".") if k]
         if not keys:
-            raise ScenarioError(f"--set {item}: the key path is empty; use e.g. training.lr=0.1")
-        value = _safe_yaml(text, f"--set {path}") if text.strip() else None
-        _check_known_path(keys, f"--set {path}")
+            raise ScenarioError(f"--set {shown_text(item)}: the key path is empty; use e.g. training.lr=0.1")
+        value = _safe_yaml(text, f"--set {shown_text(path)}") if text.strip() else None
+        _check_known_path(keys, f"--set {shown_text(path)}")
         node = merged
         for key in keys[:-1]:
             child = node.get(key)
@@ -671,11 +826,12 @@ def _check_known_path(keys: list[str], what: str) -> None:
     for depth, key in enumerate(keys):
         if model is None:
             return  # below a free-form mapping (e.g. secure_aggregation.dropout): any key is allowed
+        named = shown_text(".".join(keys[: depth + 1]))
         if key not in model.model_fields:
-            raise ScenarioError(f"{what}: unknown key '{'.'.join(keys[: depth + 1])}'; check its spelling")
+            raise ScenarioError(f"{what}: unknown key '{named}'; check its spelling")
         model = _submodel(model.model_fields[key].annotation)
         if model is None and depth + 1 < len(keys) and not _is_mapping(_field_type(keys, depth)):
-            raise ScenarioError(f"{what}: '{'.'.join(keys[: depth + 1])}' is a value, not a section; check the path")
+            raise ScenarioError(f"{what}: '{named}' is a value, not a section; check the path")
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:

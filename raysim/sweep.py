@@ -25,6 +25,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import re
 import statistics
 import sys
@@ -40,6 +41,7 @@ from raysim.config import Scenario, _check_known_path, _safe_yaml, apply_overrid
 from raysim.errors import ScenarioError
 from raysim.tracking import write_atomic
 
+MAX_RUNS = 1_000  # a grid larger than this is a typo, not a study one machine can run
 _STUDY_KEYS = {"name", "base", "set", "grid", "output"}
 _RESERVED = {"name": "the study names its runs", "output.dir": "set the study's output instead",
              "tracking.group": "a study's runs share the group named after the study"}
@@ -104,7 +106,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         raise ScenarioError("set: must map key paths to values, e.g. rounds: 20")
     for key in settings:
         _check_known_path([k for k in str(key).split(".") if k], f"set.{key}")
-    changes = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+    changes = [f"{key}={_json(value, f'set.{key}')}" for key, value in settings.items()]
     base = apply_overrides(_base_mapping(raw.get("base"), path.parent), changes + list(overrides or []))
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict):
@@ -122,6 +124,8 @@ def _axis(key: str, values: Any) -> Axis:
             raise ScenarioError(f"grid.{path}: cannot be swept; {_RESERVED[path]}")
     if not isinstance(values, list) or not values:
         raise ScenarioError(f"grid.{key}: must be a non-empty list of values, e.g. [0.1, 1.0]")
+    for value in values:
+        _json(value, f"grid.{key}")
     if len(paths) == 1:
         return paths, [(value,) for value in values]
     if not all(isinstance(v, list) and len(v) == len(paths) for v in values):
@@ -147,12 +151,25 @@ def run_name(study: str, values: dict[str, Any]) -> str:
     return name if len(name) <= 120 else f"{name[:111]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
+def _json(value: Any, where: str) -> str:
+    """A grid or set value as JSON, the form ``--set`` takes; YAML dates, binary and sets have none."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        raise ScenarioError(f"{where}: a {type(value).__name__} cannot be a setting; "
+                            "use numbers, strings, booleans, lists or mappings") from None
+
+
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def plan(study: Study) -> list[PlannedRun]:
     """Every run of the grid, each validated; the first invalid one raises a one-line ScenarioError."""
+    total = math.prod(len(points) for _, points in study.axes)
+    if total > MAX_RUNS:
+        raise ScenarioError(f"grid: {total} combinations is more than {MAX_RUNS} runs; "
+                            "split the study or zip keys that vary together (a,b: [[..], [..]])")
     runs, names = [], set()
     for combo in itertools.product(*(points for _, points in study.axes)):
         values = {path: value for (paths, _), point in zip(study.axes, combo) for path, value in zip(paths, point)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,28 @@ class RunFolder:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.path / "final_model.npy")
+
+    def keep_metrics(self, rounds_done: int) -> list[dict[str, Any]]:
+        """Cut metrics.jsonl back to the rounds a resumed run keeps (``round`` ≤ ``rounds_done``, up to the
+        first damaged line) and return them; the file is rewritten atomically if anything goes."""
+        path = self.path / "metrics.jsonl"
+        try:
+            lines = path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return []
+        kept: list[dict[str, Any]] = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if not isinstance(record, dict) or not isinstance(record.get("round"), int) or record["round"] > rounds_done:
+                break
+            kept.append(record)
+        text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept)
+        if text.encode("utf-8") != path.read_bytes():
+            write_atomic(path, text)
+        return kept
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         line = (json.dumps(to_jsonable(record), allow_nan=True) + "\n").encode("utf-8")
@@ -162,9 +185,9 @@ class Tracker:
     Runs of a sweep share ``tracking.group``. Everything sent to W&B passes through ``scrub``.
     """
 
-    def __init__(self, folder: RunFolder, scenario: Scenario) -> None:
+    def __init__(self, folder: RunFolder, scenario: Scenario, done: int = 0) -> None:
         self.folder = folder
-        self.bar = tqdm(total=scenario.rounds, unit="round", desc=scenario.name, file=sys.stderr,
+        self.bar = tqdm(total=scenario.rounds, initial=done, unit="round", desc=scenario.name, file=sys.stderr,
                         disable=not (scenario.tracking.progress and sys.stderr.isatty()))
         mode, reason = resolve_wandb_mode(scenario.tracking)
         self.wandb_run = None
@@ -200,9 +223,11 @@ def _start_wandb(folder: RunFolder, scenario: Scenario, mode: str) -> Any:
     import wandb
 
     tracking = scenario.tracking
+    id_file = folder.path / "wandb_run_id"  # a resumed run continues the same W&B run
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     try:
         run = wandb.init(
-            project=tracking.project, name=folder.path.name, group=tracking.group,
+            project=tracking.project, name=folder.path.name, group=tracking.group, id=run_id, resume="allow",
             config=scrub(scenario.model_dump(mode="json")), dir=str(folder.path), mode=mode,
             reinit="finish_previous", settings=wandb.Settings(console="off", quiet=True),
         )
@@ -212,6 +237,7 @@ def _start_wandb(folder: RunFolder, scenario: Scenario, mode: str) -> Any:
             f"tracking.wandb: W&B could not start in {mode} mode ({scrub(first)}); "
             "set tracking.wandb: offline (or WANDB_MODE=offline) and sync later with `wandb sync`"
         ) from None
+    write_atomic(id_file, run_id + "\n")
     run.define_metric("round")
     run.define_metric("*", step_metric="round")
     return run

@@ -21,6 +21,7 @@ from raysim.errors import ScenarioError
 
 _TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 _NUMERIC_KINDS = "biuf"
+MAX_CLASSES = 100_000  # the largest data.num_classes a scenario may declare
 
 
 def load_npz(train_path: str, *, test_path: str | None, test_fraction: float, seed: int) -> ArrayDataset:
@@ -201,11 +202,11 @@ def _assemble(
         raise ScenarioError(
             f"data.test_path: test samples have shape {x_test.shape[1:]} but training samples {x_train.shape[1:]}"
         )
-    raw_test_labels = [test["y"]] if test is not None else []
-    y_train, *rest, num_classes = _labels([train["y"], *raw_test_labels], label_fields)
     keys = _keys(train["keys"], keys_field) if "keys" in train else None
     if keys is not None and keys.size != x_train.shape[0]:
         raise ScenarioError(f"{keys_field}: keys has {keys.size} entries but x has {x_train.shape[0]} samples")
+    raw_test_labels = [test["y"]] if test is not None else []
+    y_train, *rest, num_classes = _labels([train["y"], *raw_test_labels], label_fields)
     if test is not None:
         y_test = rest[0]
     else:
@@ -233,6 +234,8 @@ def _features(x: np.ndarray, y: np.ndarray, field: str) -> np.ndarray:
         raise ScenarioError(f"{field}: labels must be one value per sample (got shape {y.shape})")
     if x.shape[0] != y.shape[0]:
         raise ScenarioError(f"{field}: x has {x.shape[0]} samples but y has {y.shape[0]}; they must match")
+    if 0 in x.shape[1:]:
+        raise ScenarioError(f"{field}: samples have no features (x has shape {x.shape}); give each sample at least one")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x.reshape(-1, 1)
@@ -247,10 +250,13 @@ def _features(x: np.ndarray, y: np.ndarray, field: str) -> np.ndarray:
 
 def _labels(parts: list[np.ndarray], fields: tuple[str, str]) -> list:
     """Labels of each part (train, then test) as int64 in [0, num_classes), then num_classes;
-    string labels map to their index among the sorted distinct values."""
+    string labels map to their index among the sorted distinct values. At least two and at most
+    ``MAX_CLASSES`` classes, the range of ``data.num_classes``: a label of 10^9 would otherwise
+    ask every client for a head of 10^9 outputs."""
     parts = [p.reshape(-1) for p in parts]
     if any(p.dtype.kind in "USO" for p in parts):
         classes = np.unique(np.concatenate([p.astype(str) for p in parts]))
+        _check_class_count(classes.size, len(classes), fields[0])
         return [np.searchsorted(classes, p.astype(str)).astype(np.int64) for p in parts] + [int(classes.size)]
     ints = []
     for part, field in zip(parts, fields):
@@ -262,8 +268,24 @@ def _labels(parts: list[np.ndarray], fields: tuple[str, str]) -> list:
                 f"{field}: labels must be non-negative integers (found {part[bad][0]}); "
                 "use class ids 0..num_classes-1 or class names"
             )
+        if part.size and part.max() >= MAX_CLASSES:
+            raise ScenarioError(
+                f"{field}: labels must be class ids in [0, {MAX_CLASSES}) (found {part.max()}); "
+                "number the classes 0..num_classes-1"
+            )
         ints.append(part.astype(np.int64))
-    return ints + [int(max(int(p.max()) for p in ints if p.size) + 1)]
+    present = np.unique(np.concatenate(ints))
+    _check_class_count(int(present[-1]) + 1 if present.size else 0, present.size, fields[0])
+    return ints + [int(present[-1]) + 1]
+
+
+def _check_class_count(num_classes: int, distinct: int, field: str) -> None:
+    if num_classes > MAX_CLASSES:
+        raise ScenarioError(f"{field}: {num_classes} classes is more than {MAX_CLASSES}; "
+                            "labels name classes, not samples")
+    if distinct < 2:
+        raise ScenarioError(f"{field}: every label is the same class; "
+                            "a classifier needs samples of at least two classes")
 
 
 def _keys(keys: np.ndarray, field: str) -> np.ndarray:

@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from raysim.config import Scenario
+from raysim.data.files import MAX_CLASSES
 from raysim.data.sources import ArrayDataset, held_out
 from raysim.errors import ScenarioError
 from raysim.models.tokenizer import Tokenizer, build_tokenizer
@@ -251,6 +252,9 @@ def _label_ids(columns: list[list[Any]], classify: bool) -> list[list[int]]:
     if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         if min(values) < 0:
             raise ScenarioError(f"data.label_column: labels must be >= 0 (found {min(values)}); relabel from 0")
+        if classify and max(values) >= MAX_CLASSES:
+            raise ScenarioError(f"data.label_column: labels must be class ids below {MAX_CLASSES} "
+                                f"(found {max(values)}); relabel from 0")
         return [[int(v) for v in column] for column in columns]
     if classify and any(v is None for v in values):
         raise ScenarioError("data.label_column: some rows have no label; drop them or fill them in")

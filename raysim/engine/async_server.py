@@ -29,6 +29,7 @@ import ray
 
 from raysim.engine.async_schedule import AsyncSchedule, StepPlan
 from raysim.engine.clock import VersionCache
+from raysim.engine.pool import WORKER_LOST, WorkerFailures
 from raysim.engine.server import RoundServer, chunked
 from raysim.engine.system_model import ClientSystem
 from raysim.engine.worker import ChunkResult, ClientBatch
@@ -38,6 +39,7 @@ from raysim.strategies.fedasync import fedasync_update
 from raysim.strategies.fedbuff import fedbuff_pseudo_gradient
 from raysim.strategies.staleness import StalenessFunction
 
+_REJECTED_STEPS = 10  # steps in a row whose every update was NaN/Inf before the run is called diverged
 STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32)  # histogram bins [0], [1], [2, 3], [4, 7], ..., [32, ∞)
 
 Key = tuple[int, int, int]  # (step of use, start version, piece)
@@ -54,15 +56,16 @@ class Task:
 
 class Launcher:
     """Train tasks on the pool, collected by key: earliest-needed first, at most ``in_flight`` calls
-    queued per worker, and whatever waits packed into one call of up to ``per_call`` clients."""
+    queued per worker, and whatever waits packed into one call of up to ``per_call`` clients. A call
+    lost with its worker is counted in ``failures`` and its tasks go back in the queue."""
 
-    def __init__(self, workers: list, in_flight: int, per_call: int) -> None:
-        self.workers, self.in_flight, self.per_call = workers, in_flight, per_call
+    def __init__(self, workers: list, in_flight: int, per_call: int, failures: WorkerFailures) -> None:
+        self.workers, self.in_flight, self.per_call, self.failures = workers, in_flight, per_call, failures
         self.load = [0] * len(workers)
         self.waiting: list[tuple[Key, Task]] = []
-        self.running: dict[ray.ObjectRef, tuple[list[Key], int]] = {}  # call → (its keys, its worker)
+        self.running: dict[ray.ObjectRef, tuple[list[tuple[Key, Task]], int]] = {}  # call → (its tasks, its worker)
         self.done: dict[Key, ray.ObjectRef] = {}  # finished, not yet fetched: key → its call
-        self.call_keys: dict[ray.ObjectRef, list[Key]] = {}
+        self.call_tasks: dict[ray.ObjectRef, tuple[list[tuple[Key, Task]], int]] = {}
         self.results: dict[Key, ChunkResult] = {}
 
     def submit(self, key: Key, task: Task) -> None:
@@ -71,20 +74,29 @@ class Launcher:
 
     def get(self, key: Key) -> ChunkResult:
         """The result for ``key``, waiting for it (and keeping the pool busy meanwhile)."""
-        while key not in self.done and key not in self.results:
-            if not self.running:
-                raise RuntimeError(f"no train call computes {key}")
-            ready, _ = ray.wait(list(self.running), num_returns=1)
-            keys, worker = self.running.pop(ready[0])
-            self.load[worker] -= 1
-            self.call_keys[ready[0]] = keys
-            self.done.update((k, ready[0]) for k in keys)
-            self._fill()
-        if key not in self.results:
+        while key not in self.results:
+            if key not in self.done:
+                if not self.running:
+                    raise RuntimeError(f"no train call computes {key}")
+                ready, _ = ray.wait(list(self.running), num_returns=1)
+                packed, worker = self.running.pop(ready[0])
+                self.load[worker] -= 1
+                self.call_tasks[ready[0]] = (packed, worker)
+                self.done.update((k, ready[0]) for k, _ in packed)
+                self._fill()
+                continue
             call = self.done[key]
-            for k, result in zip(self.call_keys.pop(call), ray.get(call)):
+            packed, worker = self.call_tasks.pop(call)
+            for k, _ in packed:
                 del self.done[k]
-                self.results[k] = result
+            try:
+                self.results.update(zip([k for k, _ in packed], ray.get(call)))
+                self.failures.alive(worker)
+            except WORKER_LOST as err:
+                self.failures.lost(worker, err)
+                for item in packed:
+                    heapq.heappush(self.waiting, item)
+                self._fill()
         return self.results.pop(key)
 
     def _fill(self) -> None:
@@ -103,7 +115,7 @@ class Launcher:
             position = {version: k for k, version in enumerate(refs)}
             specs = [(position[task.version], task.version, i, task.batch) for i, (_, task) in enumerate(packed)]
             call = self.workers[worker].train_many.remote(specs, *refs.values())
-            self.running[call] = ([key for key, _ in packed], worker)
+            self.running[call] = (packed, worker)
             self.load[worker] += 1
 
 
@@ -127,10 +139,33 @@ class AsyncServer(RoundServer):
         self.schedule = AsyncSchedule(system, self.scenario, model_bytes=4 * self.global_vec.size)
         self.cache = VersionCache()
         executor = self.scenario.executor
-        self.launcher = Launcher(self.workers, executor.calls_in_flight, executor.clients_per_call)
+        self.launcher = Launcher(self.workers, executor.calls_in_flight, executor.clients_per_call, self.failures)
         self.needed: dict[int, list[Key]] = defaultdict(list)
-        self.totals = {"stale_dropped_total": 0, "dropouts_total": 0}
-        self._publish(0, self.schedule.resolve(0))
+        self.pending: dict[Key, Task] = {}  # launched, not yet used by a step
+        self.totals.update(stale_dropped_total=0, dropouts_total=0)
+        self.current: int | None = None  # the version published last
+        self.rejected_streak = 0
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The sync state, plus the schedule (with its RNG), the launched tasks not yet used and the
+        model versions they start from."""
+        state = super().checkpoint_state()
+        state.update(schedule=self.schedule, current=self.current, needed=dict(self.needed), streak=self.rejected_streak,
+                     versions={v: ray.get(self.cache.get(v)) for v in self.cache.live_versions()},
+                     tasks=[(key, task.version, task.batch) for key, task in self.pending.items()])
+        return state
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        super().restore_state(state)
+        self.schedule, self.current, self.needed = state["schedule"], state["current"], defaultdict(list, state["needed"])
+        self.rejected_streak = state["streak"]
+        refs = {version: ray.put(vector) for version, vector in state["versions"].items()}
+        if self.current is not None:
+            self.cache.acquire(self.current, refs[self.current])
+        for key, version, batch in sorted(state["tasks"], key=lambda item: item[0]):
+            self.cache.acquire(version, refs[version], count=len(batch.client_ids))
+            self.pending[key] = Task(version, refs[version], batch)
+            self.launcher.submit(key, self.pending[key])
 
     def _publish(self, version: int, used: list[tuple[int, int]]) -> None:
         """Put ``version`` in the object store and launch the ``used`` (client, step) that start from it."""
@@ -138,6 +173,7 @@ class AsyncServer(RoundServer):
         self.cache.acquire(version, ref)  # the server's own hold while the version is current
         if version > 0:
             self.cache.release(version - 1)
+        self.current = version
         by_step: dict[int, list[int]] = defaultdict(list)
         for client, step in used:
             by_step[step].append(client)
@@ -147,16 +183,22 @@ class AsyncServer(RoundServer):
             self.cache.acquire(version, ref, count=len(ids))
             for piece, chunk in enumerate(chunked(ids, size)):
                 batch = ClientBatch(client_ids=chunk, epochs=np.full(len(chunk), epochs, dtype=np.int64))
-                self.launcher.submit((step, version, piece), Task(version, ref, batch))
+                self.pending[(step, version, piece)] = Task(version, ref, batch)
+                self.launcher.submit((step, version, piece), self.pending[(step, version, piece)])
                 self.needed[step].append((step, version, piece))
 
     def run_round(self, round_index: int) -> dict[str, Any]:
         """Run one server step; returns its metrics."""
         start = time.perf_counter()
+        if self.current is None:
+            self._publish(0, self.schedule.resolve(0))
+        failures_before = self.failures.count
         plan = self.schedule.next_step()
         used = self.schedule.resolve(plan.step)  # planning needs no training: do it while the workers train
         keys = sorted(self.needed.pop(plan.step, []), key=lambda k: (k[1], k[2]))
         results = [(key[1], self.launcher.get(key)) for key in keys]
+        for key in keys:
+            del self.pending[key]
         metrics: dict[str, Any] = {"round": plan.step, "clients": len(plan.arrivals)}
         metrics.update(self._step(plan, results))
         for version, result in results:
@@ -165,6 +207,8 @@ class AsyncServer(RoundServer):
         self._publish(plan.step, used)
         self.totals["stale_dropped_total"] += plan.stale_dropped
         self.totals["dropouts_total"] += plan.dropouts
+        self.totals["worker_failures_total"] = self.failures.count
+        metrics["worker_failures"] = self.failures.count - failures_before
         metrics.update(self.totals, stale_dropped=plan.stale_dropped, dropouts=plan.dropouts,
                        virtual_time=plan.time, versions_cached=len(self.cache), **staleness_stats(plan.staleness))
         if plan.step % self.scenario.evaluation.every == 0 or plan.step == self.scenario.rounds:
@@ -181,13 +225,17 @@ class AsyncServer(RoundServer):
         weights = np.concatenate([r.weights for _, r in results]) if results else np.zeros(0)
         losses = np.concatenate([r.losses for _, r in results]) if results else np.zeros(0)
         rejected = sum(len(r.rejected) for _, r in results)
-        out: dict[str, Any] = {"kept": int((weights > 0).sum()), "rejected": rejected,
+        failed = sum(len(r.failed) for _, r in results)
+        out: dict[str, Any] = {"kept": int((weights > 0).sum()), "rejected": rejected, "client_errors": failed,
                                "compute_seconds": float(sum(r.seconds for _, r in results))}
-        if rejected and not out["kept"]:
-            raise ScenarioError(f"training.lr: every client update in server step {plan.step} was NaN/Inf; "
-                                "lower training.lr (or strategy.server_lr)")
+        self.totals["rejected_total"] += rejected
+        self.totals["client_errors_total"] += failed
+        self.rejected_streak = self.rejected_streak + 1 if rejected and not out["kept"] else 0
+        if self.rejected_streak >= _REJECTED_STEPS:
+            raise ScenarioError(f"training.lr: every client update of {_REJECTED_STEPS} server steps in a row, up to "
+                                f"step {plan.step}, was NaN/Inf; lower training.lr (or strategy.server_lr)")
         if weights.sum() <= 0:
-            return out
+            return out  # nothing usable arrived: the step leaves the model as it is
         out["loss"] = float((weights * losses).sum() / weights.sum())
         if self.mode == "fedasync":
             version, result = results[0]

@@ -9,9 +9,7 @@ it would run alone, so packing never changes a result.
 from __future__ import annotations
 
 import numpy as np
-import ray
 
-from raysim.config import Scenario
 from raysim.engine.worker import ChunkResult, ClientBatch, ClientWorker, RoundPlan
 
 
@@ -24,13 +22,6 @@ class AsyncClientWorker(ClientWorker):
         ``versions`` are the model versions the tasks start from, passed as top-level arguments so
         that Ray hands them over zero-copy from the object store.
         """
-        return [self.train(versions[position], None, round_index, RoundPlan(), index, batch)
+        self.chaos.before_call()
+        return [self._train(versions[position], None, round_index, RoundPlan(), index, batch)
                 for position, round_index, index, batch in tasks]
-
-
-def create_async_workers(scenario: Scenario, num_workers: int, data_refs: list, feature_shape: tuple[int, ...],
-                         num_classes: int) -> list[ray.actor.ActorHandle]:
-    """Start ``num_workers`` async worker actors with the scenario's CPU and GPU shares."""
-    executor = scenario.executor
-    actor = ray.remote(num_cpus=executor.num_cpus, num_gpus=executor.num_gpus)(AsyncClientWorker)
-    return [actor.remote(scenario, *data_refs, feature_shape, num_classes) for _ in range(num_workers)]

@@ -1,11 +1,17 @@
-"""The worker pool: creating worker actors and keeping a bounded number of calls in flight on each.
+"""The worker pool: creating worker actors, keeping a bounded number of calls in flight on each, and
+surviving workers that die.
 
 Results are returned in chunk order, whatever order Ray completes them in, so every reduction the
-server does afterwards is independent of timing and of the number of workers.
+server does afterwards is independent of timing and of the number of workers. Workers are started
+with unlimited Ray restarts; when a worker process dies mid-call (killed, out of memory, its node
+lost) Ray brings it back, on any node with room, and the call is re-run. Training is a pure
+function of (model version, client, round seed), so a re-run returns exactly what the lost call
+would have. ``WorkerFailures`` counts the deaths and stops the run once its budget is spent.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any, Sequence
 
@@ -13,33 +19,82 @@ import ray
 
 from raysim.config import Scenario
 from raysim.engine.worker import ClientWorker
+from raysim.errors import ScenarioError
+
+WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
+               ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
 
 
-def create_workers(scenario: Scenario, num_workers: int, data_refs: Sequence[ray.ObjectRef], feature_shape: tuple[int, ...], num_classes: int) -> list[ray.actor.ActorHandle]:
-    """Start ``num_workers`` worker actors with the scenario's CPU and GPU shares."""
+_RETRIES_PER_DEATH = 60  # lost calls while a worker restarts (~1 minute of backoff) before it counts as dead again
+
+
+class WorkerFailures:
+    """Counts worker deaths; past ``budget`` of them the run stops with one line (its checkpoints kept).
+
+    Every call in flight on a worker that dies is lost, and calls sent while Ray restarts it fail
+    fast, so a death is counted once, when a worker that last answered fails; later losses on it
+    only back off (50 ms doubling to 1 s) until it answers again.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.count = budget, 0
+        self.down: dict[int, int] = {}  # worker position → calls lost since its death was counted
+
+    def lost(self, position: int, err: BaseException) -> None:
+        retries = self.down.get(position)
+        if retries is None or retries >= _RETRIES_PER_DEATH:
+            self.count += 1
+            retries = 0
+            if self.count > self.budget:
+                cause = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+                raise ScenarioError(
+                    f"executor.max_worker_failures: {self.count} worker failures exceed the budget of {self.budget} "
+                    f"(last: {type(err).__name__}: {cause}); fix the cause or raise the budget, then resume "
+                    "from the last checkpoint"
+                )
+        self.down[position] = retries + 1
+        time.sleep(min(0.05 * 2**retries, 1.0))
+
+    def alive(self, position: int) -> None:
+        self.down.pop(position, None)
+
+
+def lost_position(err: BaseException, workers: Sequence[ray.actor.ActorHandle]) -> int:
+    """The position of the worker a RayActorError is about (-1 when it names none of them)."""
+    actor_id = getattr(err, "actor_id", None)
+    ids = [w._actor_id.hex() for w in workers]
+    return ids.index(actor_id) if actor_id in ids else -1
+
+
+def create_workers(scenario: Scenario, num_workers: int, data_refs: Sequence[ray.ObjectRef], feature_shape: tuple[int, ...],
+                   num_classes: int, worker_class: type = ClientWorker) -> list[ray.actor.ActorHandle]:
+    """Start ``num_workers`` worker actors with the scenario's CPU and GPU shares, restarted when they die."""
     executor = scenario.executor
-    actor = ray.remote(num_cpus=executor.num_cpus, num_gpus=executor.num_gpus)(ClientWorker)
-    return [actor.remote(scenario, *data_refs, feature_shape, num_classes) for _ in range(num_workers)]
+    actor = ray.remote(num_cpus=executor.num_cpus, num_gpus=executor.num_gpus, max_restarts=-1)(worker_class)
+    return [actor.remote(scenario, *data_refs, feature_shape, num_classes, position=k) for k in range(num_workers)]
 
 
 def map_chunks(
     workers: Sequence[ray.actor.ActorHandle], method: str, chunks: Sequence[Any], common: tuple, in_flight: int,
-    placement: dict[int, int] | None = None,
+    placement: dict[int, int] | None = None, failures: WorkerFailures | None = None, rerun: bool = True,
 ) -> list[Any]:
     """Call ``worker.method(*common, index, chunk)`` for every chunk; results in chunk order.
 
     Each worker keeps up to ``in_flight`` calls queued so it never waits for the driver between calls;
     a worker that finishes a call is handed the next chunk (dynamic load balancing). ``placement``,
     when given, is filled with chunk index → worker position, for calls that must follow a chunk.
+    A call lost with its worker is counted in ``failures`` and re-run when the worker is back; with
+    ``rerun`` False the calls still running are waited for and the loss is raised instead (a secure
+    round starts over, and no call of the abandoned attempt may touch the workers afterwards).
     """
     queue = deque(range(len(chunks)))
-    pending: dict[ray.ObjectRef, int] = {}
+    pending: dict[ray.ObjectRef, tuple[int, int]] = {}
     results: list[Any] = [None] * len(chunks)
 
     def submit(position: int) -> None:
         index = queue.popleft()
         ref = getattr(workers[position], method).remote(*common, index, chunks[index])
-        pending[ref] = position
+        pending[ref] = (position, index)
         if placement is not None:
             placement[index] = position
 
@@ -49,9 +104,17 @@ def map_chunks(
                 submit(position)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        position = pending.pop(ready[0])
-        result = ray.get(ready[0])
-        results[result.index] = result
+        position, index = pending.pop(ready[0])
+        failures = failures or WorkerFailures(0)
+        try:
+            results[index] = ray.get(ready[0])
+            failures.alive(position)
+        except WORKER_LOST as err:
+            failures.lost(position, err)
+            if not rerun:
+                ray.wait(list(pending), num_returns=len(pending))
+                raise
+            queue.appendleft(index)  # the restarted worker takes its call back
         if queue:
             submit(position)
     return results

@@ -1,29 +1,38 @@
 """The round driver: loads data once, starts the pool and the server actor, and runs the rounds.
 
 The driver process owns nothing but tracking: the server actor owns the model and the strategy, the
-workers own training. Data goes into the object store exactly once.
+workers own training. Data goes into the object store exactly once. The server actor runs on the
+driver's node, since it writes the run folder: checkpoints every ``checkpoint.every`` rounds, and
+after the round in flight when SIGINT or SIGTERM arrives. ``execute(..., resume=run_dir)`` restores
+the newest checkpoint and drops any metrics line logged after it, so nothing is duplicated.
 """
 
 from __future__ import annotations
 
 import resource
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raysim.config import Scenario
 from raysim.data.load import load_data, partition_data
 from raysim.data.partition import summarize
+from raysim.engine import checkpoint
 from raysim.engine.cluster import connect, plan_workers
 from raysim.engine.pool import create_workers
 from raysim.engine.async_server import AsyncServer
-from raysim.engine.async_worker import create_async_workers
+from raysim.engine.async_worker import AsyncClientWorker
 from raysim.engine.server import RoundServer
+from raysim.engine.worker import ClientWorker
 from raysim.engine.system_model import client_system
 from raysim.errors import ScenarioError
 from raysim.tracking import RunFolder, Tracker
@@ -49,64 +58,123 @@ def _unwrap(err: ray.exceptions.RayTaskError) -> Exception:
     return cause if isinstance(cause, ScenarioError) else err
 
 
-def execute(scenario: Scenario, address: str | None = None) -> Result:
-    """Run ``scenario`` to completion on the embedded local Ray or the cluster at ``address``."""
+class Interrupted(Exception):
+    """The run stopped on SIGINT or SIGTERM after finishing a round and checkpointing it."""
+
+    def __init__(self, signum: int, rounds_done: int, run_dir: Path) -> None:
+        self.signum, self.rounds_done, self.run_dir = signum, rounds_done, run_dir
+        super().__init__(f"stopped by {signal.Signals(signum).name} after round {rounds_done}; "
+                         f"resume with: raysim resume {run_dir}")
+
+
+@contextmanager
+def _deferred_signals() -> Iterator[dict[str, int]]:
+    """SIGINT and SIGTERM only set a flag, so the round in flight finishes and is checkpointed."""
+    caught: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: object) -> None:
+        if "signum" in caught:  # a second signal: stop now
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+        caught["signum"] = signum
+        print(f"raysim: {signal.Signals(signum).name}: finishing the round and checkpointing "
+              "(send it again to stop at once)", file=sys.stderr)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def execute(scenario: Scenario, address: str | None = None, resume: Path | None = None) -> Result:
+    """Run ``scenario`` to completion on the embedded local Ray or the cluster at ``address``.
+
+    With ``resume`` (a run folder), continue that run from its newest checkpoint; the result is
+    bit-identical to an uninterrupted run.
+    """
     started = time.perf_counter()
     dataset = load_data(scenario)
     part = partition_data(scenario, dataset)
     system = client_system(scenario, part.sizes())  # a malformed trace fails here, before Ray starts
+    saved = None if resume is None else checkpoint.latest(resume)
     owns_ray = connect(address)
     actors: list = []
     tracker: Tracker | None = None
     try:
         num_workers = plan_workers(scenario.executor, ray.cluster_resources())
-        folder = RunFolder.create(scenario)
-        folder.write_config(scenario)
-        folder.write_json("partition.json", summarize(part, dataset.y_train, dataset.num_classes, seed=scenario.seed))
+        if resume is None:
+            folder = RunFolder.create(scenario)
+            folder.write_config(scenario)
+            folder.write_json("partition.json", summarize(part, dataset.y_train, dataset.num_classes, seed=scenario.seed))
+        else:
+            folder = RunFolder(resume)
+        history = folder.keep_metrics(0 if saved is None else saved.rounds_done)
         data_refs = [ray.put(a) for a in (dataset.x_train, dataset.y_train, part.indices, part.offsets)]
         test_refs = [ray.put(dataset.x_test), ray.put(dataset.y_test)]
         feature_shape, num_classes = dataset.feature_shape, dataset.num_classes
         max_client_weight = float(max(part.sizes().max(), 1))
         extra = {} if scenario.privacy is None else {"dp_total_weight": dp_total_weight(scenario, part.sizes())}
         del dataset, part  # the object store holds the only copy from here on
-        start_workers = create_async_workers if scenario.asynchronous else create_workers
-        workers = start_workers(scenario, num_workers, data_refs, feature_shape, num_classes)
+        worker_class = AsyncClientWorker if scenario.asynchronous else ClientWorker
+        workers = create_workers(scenario, num_workers, data_refs, feature_shape, num_classes, worker_class)
         server_class = AsyncServer if scenario.asynchronous else RoundServer  # async: a round is a server step
-        server = ray.remote(num_cpus=0)(server_class).remote(
-            scenario, workers, *test_refs, feature_shape, num_classes, str(folder.path / "client_state"),
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        server = ray.remote(num_cpus=0, scheduling_strategy=here)(server_class).remote(  # it writes the run folder
+            scenario, workers, *test_refs, feature_shape, num_classes, str(folder.path / checkpoint.STORE_DIR),
             max_client_weight, system=system, **extra)
         actors = [*workers, server]
-        tracker = Tracker(folder, scenario)
-        history: list[dict[str, Any]] = []
+        first = 0
+        if saved is not None:
+            ray.get(server.restore_checkpoint.remote(str(saved.path), saved.rounds_done))
+            first = saved.rounds_done
+            print(f"raysim: resuming {folder.path} after round {first}", file=sys.stderr)
+        tracker = Tracker(folder, scenario, done=first)
         round_seconds: list[float] = []
         rounds_started = time.perf_counter()
-        try:
-            for round_index in range(scenario.rounds):
-                tick = time.perf_counter()
-                metrics = ray.get(server.run_round.remote(round_index))
-                if "stopped" in metrics:
-                    print(f"raysim: stopping after round {round_index}: {metrics['stopped']}", file=sys.stderr)
-                    break
-                if "dp_budget_exceeded" in metrics and not any("dp_budget_exceeded" in m for m in history):
-                    print(f"raysim: warning: {metrics['dp_budget_exceeded']}", file=sys.stderr)
-                history.append(metrics)
-                tracker.log(metrics)
-                round_seconds.append(time.perf_counter() - tick)
-        except ray.exceptions.RayTaskError as err:
-            raise _unwrap(err) from None
+        every = scenario.checkpoint.every
+        with _deferred_signals() as caught:
+            try:
+                for round_index in range(first, scenario.rounds):
+                    tick = time.perf_counter()
+                    metrics = ray.get(server.run_round.remote(round_index))
+                    if "stopped" in metrics:
+                        print(f"raysim: stopping after round {round_index}: {metrics['stopped']}", file=sys.stderr)
+                        break
+                    if "dp_budget_exceeded" in metrics and not any("dp_budget_exceeded" in m for m in history):
+                        print(f"raysim: warning: {metrics['dp_budget_exceeded']}", file=sys.stderr)
+                    history.append(metrics)
+                    tracker.log(metrics)
+                    round_seconds.append(time.perf_counter() - tick)
+                    done = round_index + 1
+                    if caught or (done % every == 0 and done < scenario.rounds):
+                        ray.get(server.save_checkpoint.remote(done))
+                    if caught:
+                        raise Interrupted(caught["signum"], done, folder.path)
+            except ray.exceptions.RayTaskError as err:
+                raise _unwrap(err) from None
         final_vec = ray.get(server.global_vector.remote())
         ray.get(server.close.remote())
         privacy = ray.get(server.privacy_report.remote()) if scenario.privacy is not None else None
         rounds_seconds = time.perf_counter() - rounds_started
         folder.write_model(final_vec)
+        ran = len(round_seconds)
         summary = {
             "name": scenario.name, "rounds": scenario.rounds, "num_clients": scenario.num_clients,
             "workers": num_workers, "num_parameters": int(final_vec.size),
             "final": _final_metrics(history),
             "wall_seconds": time.perf_counter() - started,
-            "rounds_per_second": scenario.rounds / rounds_seconds if rounds_seconds > 0 else 0.0,
+            "rounds_per_second": ran / rounds_seconds if rounds_seconds > 0 else 0.0,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the driver's peak
         }
+        if saved is not None:
+            summary["resumed_after_round"] = saved.rounds_done
         if privacy is not None:
             summary["privacy"] = privacy
         folder.write_json("summary.json", summary)

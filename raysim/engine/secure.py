@@ -83,7 +83,7 @@ def secure_sum(
     by_worker: dict[int, list[int]] = defaultdict(list)
     for u in survivors:
         by_worker[owner[u]].append(u)
-    plain_parts = ray.get([workers[w].secure_plain_sum.remote(by_worker.get(w, [])) for w in range(len(workers))])
+    plain_parts = ray.get([workers[w].secure_plain_sum.remote(by_worker.get(w, []), dim) for w in range(len(workers))])
     if result.aggregate is None:
         return SecureSum(None, 0.0, None, (), metrics)
     weighted, weight, control = decode_sum(result.aggregate, len(survivors), dim, secure.weight_bound,

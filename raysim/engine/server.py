@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
+from raysim.adversary.clients import MaliciousClients
+from raysim.client.state import make_state_store
 from raysim.client.train import evaluate
+from raysim.compression import dense_bytes, shared_mask_indices
 from raysim.config import Scenario
+from raysim.engine import checkpoint
 from raysim.engine.clock import SyncClock
-from raysim.engine.pool import map_chunks
+from raysim.engine.pool import WORKER_LOST, WorkerFailures, lost_position, map_chunks
 from raysim.engine.secure import secure_sum
 from raysim.engine.worker import ClientBatch, RoundPlan, throughput_metrics
 from raysim.engine.sampling import sample_clients, uniform_subset
@@ -30,6 +35,7 @@ from raysim.models.zoo import build_model
 from raysim.privacy.dp.server import CentralDP, LocalDPLedger, effective_distributed_z
 from raysim.privacy.secagg.setup import SecureRound, quantization_scale, round_params
 from raysim.strategies import Aggregate, make_strategy
+from raysim.strategies.robust import robust_aggregate
 
 
 def initial_model(scenario: Scenario, feature_shape: tuple[int, ...], num_classes: int) -> tuple[torch.nn.Module, FlatParams]:
@@ -85,12 +91,56 @@ class RoundServer:
         self.local_dp = LocalDPLedger(privacy) if privacy is not None and privacy.mechanism == "local" else None
         if self.central_dp is not None:
             self.weight_bound = 1.0  # DP-FedAvg weights are min(n/cap, 1) ≤ 1
+        self.run_dir = None if state_dir is None else Path(state_dir).parent
+        self.failures = WorkerFailures(scenario.executor.max_worker_failures)
+        compression = scenario.compression
+        self.residuals = None
+        if compression is not None and compression.error_feedback:
+            backend = scenario.strategy.state_store
+            self.residuals = make_state_store(backend, self.global_vec.size,
+                                              None if backend == "memory" else Path(state_dir) / "residuals")
+        self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "worker_failures_total": 0,
+                       "client_errors_total": 0, "rejected_total": 0}
+        self.backdoor = None
+        if scenario.adversary is not None:
+            adversary = MaliciousClients(scenario.adversary, scenario.seed, scenario.num_clients, num_classes)
+            test = adversary.backdoor_test(np.asarray(x_test), np.asarray(y_test))
+            self.backdoor = None if test is None else (torch.from_numpy(test[0]), torch.from_numpy(test[1]))
+
+    def _stores(self) -> list:
+        return [store for store in (getattr(self.strategy, "store", None), self.residuals) if store is not None]
 
     def close(self) -> None:
-        """Flush what outlives the run: the disk-backed client state store's index."""
-        store = getattr(self.strategy, "store", None)
-        if store is not None:
+        """Flush what outlives the run: the disk-backed client state stores' indexes."""
+        for store in self._stores():
             store.close()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything the next rounds depend on (the stores' rows travel as files; see ``checkpoint``)."""
+        for store in self._stores():
+            getattr(store, "flush", lambda: None)()
+        return {"global_vec": self.global_vec, "strategy": self.strategy, "central_dp": self.central_dp,
+                "local_dp": self.local_dp, "clock": self.clock, "residuals": self.residuals,
+                "totals": self.totals, "failures": self.failures.count}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self.global_vec, self.strategy, self.central_dp = state["global_vec"], state["strategy"], state["central_dp"]
+        self.local_dp, self.clock, self.residuals = state["local_dp"], state["clock"], state["residuals"]
+        self.totals, self.failures.count = state["totals"], state["failures"]
+
+    def save_checkpoint(self, rounds_done: int) -> str:
+        """Write the checkpoint after ``rounds_done`` rounds into the run folder; returns its path."""
+        saved = checkpoint.save(self.run_dir, rounds_done, self.checkpoint_state(),
+                                store_dir=self.run_dir / checkpoint.STORE_DIR, keep=self.scenario.checkpoint.keep)
+        return str(saved.path)
+
+    def restore_checkpoint(self, path: str, rounds_done: int) -> None:
+        """Continue from the checkpoint at ``path``: its client state files, then its state."""
+        saved = checkpoint.Checkpoint(rounds_done, Path(path))
+        for store in self._stores():
+            store.close()
+        checkpoint.restore_store_files(saved, self.run_dir / checkpoint.STORE_DIR)
+        self.restore_state(saved.load_state())
 
     def num_parameters(self) -> int:
         return int(self.global_vec.size)
@@ -120,17 +170,12 @@ class RoundServer:
         if self.clock is not None:  # the first K finishers in virtual time, within the deadline
             sampled, epochs, timing = self.clock.select(sampled, epochs, round_index)
             metrics.update(timing)
+        failures_before = self.failures.count
         if len(sampled):
-            global_ref = ray.put(self.global_vec)
-            server_state = self.strategy.server_state()
-            state_ref = None if server_state is None else ray.put(server_state)
-            plan = self._round_plan(len(sampled))
-            placement: dict[int, int] = {}
-            chunks = map_chunks(
-                self.workers, "train", self._batches(sampled, epochs),
-                (global_ref, state_ref, round_index, plan), scenario.executor.calls_in_flight, placement,
-            )
-            metrics.update(self._reduce_and_step(chunks, round_index, plan, placement))
+            metrics.update(self._train_round(sampled, epochs, round_index))
+        metrics["worker_failures"] = self.failures.count - failures_before
+        self.totals["worker_failures_total"] = self.failures.count
+        metrics.update(self.totals)
         if self.central_dp is not None:
             metrics.update(self.central_dp.metrics())
         if self.local_dp is not None:
@@ -144,29 +189,53 @@ class RoundServer:
         metrics["clients_per_second"] = metrics["clients"] / seconds if seconds > 0 else 0.0
         return metrics
 
+    def _train_round(self, sampled: np.ndarray, epochs: np.ndarray, round_index: int) -> dict[str, Any]:
+        """Train the sampled clients and step the model; a round whose secure aggregation lost a worker
+        (and with it its clients' secrets) is run again from the start, with a fresh session."""
+        global_ref = ray.put(self.global_vec)
+        server_state = self.strategy.server_state()
+        state_ref = None if server_state is None else ray.put(server_state)
+        while True:
+            plan, placement = self._round_plan(len(sampled), round_index), {}
+            try:
+                chunks = map_chunks(
+                    self.workers, "train", self._batches(sampled, epochs),
+                    (global_ref, state_ref, round_index, plan), self.scenario.executor.calls_in_flight, placement,
+                    self.failures, rerun=plan.secure is None,
+                )
+                return self._reduce_and_step(chunks, round_index, plan, placement)
+            except WORKER_LOST as err:  # a secure round lost a worker, in training or in the protocol's phases
+                self.failures.lost(lost_position(err, self.workers), err)
+
     def _batches(self, sampled: np.ndarray, epochs: np.ndarray) -> list[ClientBatch]:
         size = self.scenario.executor.clients_per_call
         return [
             ClientBatch(client_ids=ids, epochs=epochs[i : i + size], states=self.strategy.client_states(ids),
-                        dp_states=None if self.local_dp is None else self.local_dp.states_for(ids))
+                        dp_states=None if self.local_dp is None else self.local_dp.states_for(ids),
+                        residuals=None if self.residuals is None else self.residuals.get(ids))
             for i, ids in zip(range(0, len(sampled), size), chunked(sampled, size))
         ]
 
-    def _round_plan(self, cohort: int) -> RoundPlan:
-        """Secure aggregation's session and parameters, and DP clipping and client noise, for one round."""
-        config, privacy, dp = self.scenario.secure_aggregation, self.scenario.privacy, self.central_dp
+    def _round_plan(self, cohort: int, round_index: int) -> RoundPlan:
+        """Secure aggregation's session and parameters, DP clipping and client noise, robust aggregation's
+        need for individual updates and the shared random mask, for one round."""
+        config, privacy, dp, scenario = self.scenario.secure_aggregation, self.scenario.privacy, self.central_dp, self.scenario
         secure = None
         if config is not None:
             secure = SecureRound(config, round_params(config, cohort), secrets.token_bytes(16), self.weight_bound)
+        mask_seed = None
+        if scenario.compression is not None and scenario.compression.kind == "random_mask":
+            mask_seed = int(np.random.default_rng([scenario.seed, round_index, 31]).integers(2**63))
+        common = {"per_client": scenario.aggregation.rule != "mean", "mask_seed": mask_seed}
         if dp is None:
-            return RoundPlan(secure=secure)
+            return RoundPlan(secure=secure, **common)
         noise_variance = 0.0
         if privacy.mechanism == "distributed":
             # Any t survivors must carry variance (z·S·scale)² in ring units (sensitivity S·scale).
             sensitivity = dp.clip_norm * quantization_scale(secure.params)
             noise_variance = (dp.update_noise_multiplier * sensitivity) ** 2 / secure.params.threshold
         return RoundPlan(secure=secure, clip_norm=dp.clip_norm, weight_cap=privacy.weight_cap,
-                         noise_variance=noise_variance, noise_kind=privacy.noise)
+                         noise_variance=noise_variance, noise_kind=privacy.noise, **common)
 
     def privacy_report(self) -> dict[str, Any] | None:
         """The ``privacy`` block of summary.json."""
@@ -181,18 +250,40 @@ class RoundServer:
         losses = np.concatenate([c.losses for c in chunks])
         ids = np.concatenate([c.client_ids for c in chunks])
         rejected = sum(len(c.rejected) for c in chunks)
+        failed = sum(len(c.failed) for c in chunks)
         kept_mask = weights > 0
         kept = int(kept_mask.sum())
-        out: dict[str, Any] = {"rejected": rejected, "kept": kept,
+        secure, mask, result = plan.secure, None, None
+        if secure is not None:  # first, as it can lose a worker: nothing is changed until it is through
+            owner = {int(u): placement[c.index] for c in chunks for u, w in zip(c.client_ids, c.weights) if w > 0}
+            mask = None if plan.mask_seed is None else shared_mask_indices(
+                self.global_vec.size, self.scenario.compression.fraction, plan.mask_seed)
+            result = secure_sum(self.workers, owner, secure, self.global_vec.size if mask is None else mask.size,
+                                self.scenario.seed, round_index)
+        out: dict[str, Any] = {"rejected": rejected, "kept": kept, "client_errors": failed,
                                "compute_seconds": float(sum(c.seconds for c in chunks)),
                                **throughput_metrics(chunks, self.global_vec.size)}
-        if rejected and kept == 0:
+        self.totals["rejected_total"] += rejected
+        self.totals["client_errors_total"] += failed
+        if self.scenario.aggregation.norm_bound is not None:
+            out["norm_bounded"] = sum(c.bounded for c in chunks)
+        if self.scenario.adversary is not None:
+            out["malicious"] = sum(c.malicious for c in chunks)
+        out.update(self._traffic(chunks, kept_mask, len(ids)))
+        if kept == 0 and (rejected or failed):
+            error = next((c.error for c in chunks if c.error), None)
+            if error is not None and not rejected:
+                raise ScenarioError(f"training: every client of round {round_index + 1} failed, the first with {error}; "
+                                    "fix the cause (or lower faults.client_error_fraction)")
             raise ScenarioError(
                 f"training.lr: every client update in round {round_index + 1} was NaN/Inf; "
                 "lower training.lr (or strategy.server_lr)"
             )
+        if self.residuals is not None and kept:
+            residuals = np.concatenate([c.residuals for c in chunks])
+            self.residuals.put(ids[kept_mask], residuals[kept_mask])
         rows = np.concatenate([c.state_deltas for c in chunks]) if chunks[0].state_deltas is not None else None
-        secure = plan.secure
+        robust = None
         if secure is None:
             total, weight = np.zeros(self.global_vec.size, dtype=np.float64), 0.0
             for chunk in chunks:
@@ -200,11 +291,20 @@ class RoundServer:
                 weight += chunk.weight_sum
             included = kept_mask
             control_sum = None if rows is None else np.sum(rows[included], axis=0, dtype=np.float64)
+            if plan.per_client and kept:
+                aggregation = self.scenario.aggregation
+                updates = np.concatenate([c.rows for c in chunks])[kept_mask]
+                robust, details = robust_aggregate(
+                    updates, weights[kept_mask], aggregation.rule, trim_fraction=aggregation.trim_fraction,
+                    byzantine=aggregation.byzantine,
+                    multikrum=aggregation.multikrum or max(kept - aggregation.byzantine, 1))
+                out.update({k: v for k, v in details.items() if not isinstance(v, list)})
         else:
-            owner = {int(u): placement[c.index] for c in chunks for u, w in zip(c.client_ids, c.weights) if w > 0}
-            result = secure_sum(self.workers, owner, secure, self.global_vec.size, self.scenario.seed, round_index)
             out.update(result.metrics)
             total, weight, control_sum = result.weighted_sum, result.weight, result.control_sum
+            if mask is not None and total is not None:  # the shared mask's k sums go back to their coordinates
+                total = np.zeros(self.global_vec.size, dtype=np.float64)
+                total[mask] = result.weighted_sum
             included = np.isin(ids, np.asarray(result.survivors, dtype=np.int64))
         if self.local_dp is not None:
             for chunk in chunks:
@@ -215,7 +315,7 @@ class RoundServer:
             extras: dict[str, Any] = {}
             if rows is not None:
                 extras = {"client_ids": ids[included], "state_deltas": rows[included], "state_delta_sum": control_sum}
-            mean_delta = (total / weight).astype(np.float32)
+            mean_delta = (total / weight).astype(np.float32) if robust is None else robust.astype(np.float32)
             if self.central_dp is not None:
                 unclipped = sum(c.unclipped for c in chunks)
                 out["dp_unclipped_fraction"] = unclipped / max(kept, 1)
@@ -235,6 +335,20 @@ class RoundServer:
                 )
         return out
 
+    def _traffic(self, chunks: list, kept_mask: np.ndarray, trained: int) -> dict[str, Any]:
+        """Bytes each way this round: every trained client downloads the model (and any server state) as
+        float32; each kept client uploads its update as encoded (``raysim.compression``)."""
+        dense = dense_bytes(self.global_vec.size)
+        down = dense * (1 if self.strategy.server_state() is None else 2) * trained
+        up = int(np.concatenate([c.bytes_up for c in chunks])[kept_mask].sum())
+        kept = int(kept_mask.sum())
+        self.totals["bytes_up_total"] += up
+        self.totals["bytes_down_total"] += down
+        if not kept:
+            return {"bytes_down": down}
+        return {"bytes_up": up, "bytes_down": down, "bytes_up_per_client": up / kept,
+                "compression_ratio": dense * kept / up if up else None}
+
     def evaluate_central(self) -> dict[str, float]:
         """Accuracy and mean loss of the global model on the central test set (per-token loss, perplexity
         and next-token accuracy for a causal LM).
@@ -247,18 +361,23 @@ class RoundServer:
             n, size = len(self.y_test), 4 * task.eval_batch_size
             refs = (ray.put(self.global_vec), ray.put(self.x_test.numpy()), ray.put(self.y_test.numpy()))
             spans = [(start, min(start + size, n)) for start in range(0, n, size)]
-            results = map_chunks(self.workers, "evaluate_test", spans, refs, 1)
+            results = map_chunks(self.workers, "evaluate_test", spans, refs, 1, failures=self.failures)
             return task.metrics(sum(r.loss_sum for r in results), sum(r.correct for r in results),
                                 sum(r.samples for r in results))
         self.flat.load(self.global_vec)
-        return task.metrics(*evaluate(self.model, self.x_test, self.y_test, task=task))
+        metrics = task.metrics(*evaluate(self.model, self.x_test, self.y_test, task=task))
+        if self.backdoor is not None:  # the share of triggered test samples classified as the attacker's target
+            _, correct, samples = evaluate(self.model, *self.backdoor, task=task)
+            metrics["backdoor_accuracy"] = correct / samples if samples else None
+        return metrics
 
     def evaluate_federated(self, round_index: int) -> dict[str, float]:
         """The global model on the held-out samples of a seeded sample of clients."""
         rng = np.random.default_rng([self.scenario.seed, round_index, 3])
         ids = uniform_subset(rng, self.scenario.num_clients, self.scenario.evaluation.federated_clients)
         global_ref = ray.put(self.global_vec)
-        results = map_chunks(self.workers, "evaluate", chunked(ids, self.scenario.executor.clients_per_call), (global_ref,), 1)
+        results = map_chunks(self.workers, "evaluate", chunked(ids, self.scenario.executor.clients_per_call), (global_ref,), 1,
+                             failures=self.failures)
         samples = sum(r.samples for r in results)
         if samples == 0:
             return {}

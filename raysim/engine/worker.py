@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from raysim.adversary.clients import MaliciousClients
 from raysim.client.hooks import ClientHooks, scaffold_control_delta
 from raysim.client.samples import split_holdout
 from raysim.client.train import client_rng, evaluate, make_optimizer, train_client
+from raysim.compression import CompressionSpec, compress_with_feedback, dense_bytes, shared_mask_indices
 from raysim.config import Scenario
+from raysim.engine.faults import InjectedClientError, WorkerChaos, client_fault, corrupt_update
+from raysim.errors import ScenarioError
 from raysim.models.flat import FlatParams
 from raysim.models.task import task_for
 from raysim.privacy.dp.clipping import clip_to_norm
@@ -35,6 +39,7 @@ class ClientBatch:
     client_ids: np.ndarray
     epochs: np.ndarray
     states: np.ndarray | None = None  # SCAFFOLD's c_i, one row per client
+    residuals: np.ndarray | None = None  # error feedback: each client's residual, one row per client
     dp_states: list | None = None  # local DP-SGD: each client's accountant state (None before its first round)
 
 
@@ -47,6 +52,8 @@ class RoundPlan:
     weight_cap: float | None = None  # DP-FedAvg user weight w = min(n / cap, 1); None weighs users equally
     noise_variance: float = 0.0  # distributed DP: each client's discrete noise variance, in ring units
     noise_kind: str = "discrete_gaussian"
+    per_client: bool = False  # robust aggregation: return each client's update instead of folding them
+    mask_seed: int | None = None  # compression.kind random_mask: the round's shared mask, public to all
 
     def weight(self, num_samples: int, client_weighting: str) -> float:
         if self.clip_norm is not None:
@@ -73,6 +80,13 @@ class ChunkResult:
     epsilons: np.ndarray | None = None  # local DP-SGD: each client's ε after this round
     tokens: int = 0  # text tasks: non-padding tokens trained on (samples × epochs)
     rss_mb: float = 0.0  # the worker process's peak resident memory so far
+    failed: list[int] = field(default_factory=list)  # clients whose training raised
+    error: str | None = None  # the first such exception, as one line
+    bounded: int = 0  # updates clipped or rejected by aggregation.norm_bound
+    malicious: int = 0  # malicious clients among the chunk's
+    bytes_up: np.ndarray | None = None  # per client: the encoded update's bytes (0 where not sent)
+    rows: np.ndarray | None = None  # plan.per_client: each client's update (zero rows where weight is 0)
+    residuals: np.ndarray | None = None  # error feedback: each client's new residual
 
 
 def throughput_metrics(chunks: list[ChunkResult], num_parameters: int) -> dict[str, float]:
@@ -121,8 +135,16 @@ class ClientWorker:
         part_offsets: np.ndarray,
         feature_shape: tuple[int, ...],
         num_classes: int,
+        position: int = 0,
     ) -> None:
         self.scenario = scenario
+        self.chaos = WorkerChaos(scenario.faults, position)
+        self.adversary = None if scenario.adversary is None else MaliciousClients(
+            scenario.adversary, scenario.seed, scenario.num_clients, num_classes)
+        compression = scenario.compression
+        self.compression = None if compression is None or compression.kind == "none" else CompressionSpec(
+            kind=compression.kind, fraction=compression.fraction, bits=compression.bits, stochastic=compression.stochastic,
+            unbiased=not compression.error_feedback)  # d/k scaling would make error feedback diverge
         torch.set_num_threads(max(1, int(scenario.executor.num_cpus)))
         self.device = pick_device(scenario.executor.num_gpus)
         self.task = task_for(scenario.model)
@@ -135,13 +157,15 @@ class ClientWorker:
         self.secure_group: ClientGroup | None = None
         self.plain: dict[int, tuple[np.ndarray, float]] = {}
 
-    def _client_arrays(self, client_id: int, held_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _client_arrays(self, client_id: int, held_out: bool, poison_round: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The client's training (or held-out) samples; a malicious client's poisoned in ``poison_round``."""
         own = self.indices[self.offsets[client_id] : self.offsets[client_id + 1]]
         train, holdout = split_holdout(own, self.holdout, self.scenario.seed, client_id)
         chosen = holdout if held_out else train
-        x = torch.from_numpy(self.x[chosen]).to(self.device)
-        y = torch.from_numpy(self.y[chosen]).to(self.device)
-        return x, y
+        x, y = self.x[chosen], self.y[chosen]
+        if poison_round is not None:
+            x, y = self.adversary.poison_data(x, y, poison_round, client_id)
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
 
     def train(
         self, global_vec: np.ndarray, server_state: np.ndarray | None, round_index: int,
@@ -151,6 +175,19 @@ class ClientWorker:
 
         Under secure aggregation nothing is folded: each client's update is encoded into its private
         ring vector and joins this worker's ClientGroup for the protocol's phases.
+        """
+        self.chaos.before_call()
+        return self._train(global_vec, server_state, round_index, plan, index, batch)
+
+    def _train(
+        self, global_vec: np.ndarray, server_state: np.ndarray | None, round_index: int,
+        plan: RoundPlan, index: int, batch: ClientBatch,
+    ) -> ChunkResult:
+        """``train`` without the injected worker faults; each client in turn:
+
+        train (a malicious client on poisoned data) → the injected fault or the model attack on the
+        update → reject NaN/Inf → norm bound → DP clipping → compression with error feedback →
+        fold (or keep the row, or join the secure round).
         """
         start = time.perf_counter()
         training, strategy = self.scenario.training, self.scenario.strategy
@@ -165,10 +202,20 @@ class ClientWorker:
         epsilons = None if batch.dp_states is None else np.zeros(n)
         dp_states = None if batch.dp_states is None else list(batch.dp_states)
         tokens = 0
+        faults, aggregation, seed = self.scenario.faults, self.scenario.aggregation, self.scenario.seed
+        failed: list[int] = []
+        error: str | None = None
+        bounded = malicious = 0
+        bytes_up = np.zeros(n, dtype=np.int64)
+        rows = np.zeros((n, self.flat.size), dtype=np.float32) if plan.per_client else None
+        residuals = None if batch.residuals is None else np.array(batch.residuals, dtype=np.float32)
         for k, cid in enumerate(batch.client_ids.tolist()):
-            x, y = self._client_arrays(cid, held_out=False)
+            attacker = self.adversary is not None and self.adversary.contains(cid)
+            malicious += int(attacker)
+            x, y = self._client_arrays(cid, held_out=False, poison_round=round_index if attacker else None)
             if x.shape[0] == 0:
                 continue
+            fault = client_fault(faults, seed, round_index, cid)
             self.flat.load(global_t)
             client_control = None if batch.states is None else torch.from_numpy(batch.states[k]).to(self.device)
             hooks = ClientHooks(
@@ -178,16 +225,36 @@ class ClientWorker:
             rng = client_rng(self.scenario.seed, round_index, cid)
             torch.manual_seed(int(client_rng(self.scenario.seed, round_index, cid, stream=11).integers(2**63)))  # dropout
             tokens += self.task.tokens(x) * int(batch.epochs[k])
-            if batch.dp_states is None:
-                result = train_client(self.model, self.flat, self.optimizer, x, y, epochs=int(batch.epochs[k]),
-                                      batch_size=training.batch_size, rng=rng, hooks=hooks, task=self.task)
-            else:
-                result = self._train_dp_sgd(x, y, int(batch.epochs[k]), batch.dp_states[k], rng)
-                dp_states[k], epsilons[k] = result.accountant_state, result.epsilon
+            try:
+                if fault == "error":
+                    raise InjectedClientError(f"client {cid} raised (faults.client_error_fraction)")
+                if batch.dp_states is None:
+                    result = train_client(self.model, self.flat, self.optimizer, x, y, epochs=int(batch.epochs[k]),
+                                          batch_size=training.batch_size, rng=rng, hooks=hooks, task=self.task)
+                else:
+                    result = self._train_dp_sgd(x, y, int(batch.epochs[k]), batch.dp_states[k], rng)
+                    dp_states[k], epsilons[k] = result.accountant_state, result.epsilon
+            except ScenarioError:
+                raise
+            except Exception as err:  # a client that crashes is a dropout, not the end of the run
+                failed.append(cid)
+                error = error or f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                continue
             delta = self.flat.vector - global_t
+            if fault is not None:
+                delta = corrupt_update(delta, fault, faults.huge_scale)
+            if attacker:
+                delta = torch.from_numpy(self.adversary.poison_update(delta.cpu().numpy(), round_index, cid)).to(self.device)
             if not bool(torch.isfinite(delta).all()):
                 rejected.append(cid)
                 continue
+            if aggregation.norm_bound is not None:
+                norm = float(torch.linalg.vector_norm(delta.to(torch.float64)))
+                if norm > aggregation.norm_bound:
+                    bounded += 1
+                    if aggregation.norm_bound_action == "reject":
+                        continue
+                    delta = delta * (aggregation.norm_bound / norm)
             if plan.clip_norm is not None:
                 clipped, _, within = clip_to_norm(delta.cpu().numpy(), plan.clip_norm)
                 delta, unclipped = torch.from_numpy(clipped).to(self.device), unclipped + int(within)
@@ -198,17 +265,30 @@ class ClientWorker:
             if state_deltas is not None:
                 state_deltas[k] = scaffold_control_delta(
                     client_control, control, global_t, self.flat.vector, result.steps, training.lr).cpu().numpy()
-            if plan.secure is None:
-                delta_sum.add_(delta.to(torch.float64), alpha=float(weights[k]))
+            if self.compression is None:
+                bytes_up[k] = dense_bytes(self.flat.size)
             else:
+                residual = None if residuals is None else residuals[k]
+                rng = client_rng(seed, round_index, cid, stream=17)
+                sent, residual, bytes_up[k] = compress_with_feedback(
+                    delta.cpu().numpy(), residual, self.compression, rng, shared_seed=plan.mask_seed)
+                if residuals is not None:
+                    residuals[k] = residual
+                delta = torch.from_numpy(sent).to(self.device)
+            if plan.secure is not None:
                 self._join_secure_round(plan, round_index, cid, delta.cpu().numpy(), weights[k],
                                         None if state_deltas is None else state_deltas[k])
+            elif rows is not None:
+                rows[k] = delta.cpu().numpy()
+            else:
+                delta_sum.add_(delta.to(torch.float64), alpha=float(weights[k]))
         return ChunkResult(
             index=index, delta_sum=delta_sum.cpu().numpy(), weight_sum=float(weights.sum()),
             client_ids=batch.client_ids, weights=weights, losses=losses, steps=steps,
             rejected=rejected, seconds=time.perf_counter() - start, state_deltas=state_deltas,
             unclipped=unclipped, dp_states=dp_states, epsilons=epsilons, tokens=tokens,
-            rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, failed=failed, error=error,
+            bounded=bounded, malicious=malicious, bytes_up=bytes_up, rows=rows, residuals=residuals,
         )
 
     def _train_dp_sgd(self, x: torch.Tensor, y: torch.Tensor, epochs: int, state: dict | None,
@@ -232,6 +312,8 @@ class ClientWorker:
         if self.secure_group is None or self.secure_group.session_id != secure.session_id:
             self.secure_group = ClientGroup([], secure.params, secure.session_id, round_index)
             self.plain = {}
+        if plan.mask_seed is not None:  # the shared random mask: only its k coordinates enter the protocol
+            delta = delta[shared_mask_indices(delta.size, self.scenario.compression.fraction, plan.mask_seed)]
         ring = encode_update(delta, weight, secure.weight_bound, control_delta, secure.config, secure.params,
                              client_rng(self.scenario.seed, round_index, cid, stream=9),
                              noise_variance=plan.noise_variance, noise_kind=plan.noise_kind)
@@ -243,10 +325,10 @@ class ClientWorker:
         assert self.secure_group is not None, "secure_phase before any client joined the round"
         return self.secure_group.phase(name, inbound)
 
-    def secure_plain_sum(self, client_ids: list[int]) -> np.ndarray:
+    def secure_plain_sum(self, client_ids: list[int], dim: int) -> np.ndarray:
         """Σ w·Δ in float64 over ``client_ids`` held here (a simulator diagnostic for the quantization
         error, never part of the protocol); ends the round's secure state."""
-        total = np.zeros(self.flat.size, dtype=np.float64)
+        total = np.zeros(dim, dtype=np.float64)
         for cid in sorted(client_ids):
             delta, weight = self.plain[cid]
             total += weight * delta.astype(np.float64)

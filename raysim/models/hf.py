@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from raysim.config import ModelConfig
-from raysim.errors import ScenarioError
+from raysim.config import ModelConfig, path_exists
+from raysim.errors import ScenarioError, shown_text
 from raysim.models.tokenizer import BOS, EOS, PAD, model_vocab_size
 
 _FIELD = "model.name_or_path"
@@ -107,27 +107,27 @@ def check_model(config: ModelConfig, *, seq_len: int) -> None:
 
 def from_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` from a local folder, the cache, then the Hub; one-line errors otherwise."""
-    local = Path(name_or_path).expanduser()
-    if local.exists():
+    local, name = Path(name_or_path).expanduser(), shown_text(name_or_path)
+    if path_exists(str(local)):
         try:
             return loader.from_pretrained(str(local), **kwargs)
         except Exception as err:
-            raise ScenarioError(f"{_FIELD}: cannot load {name_or_path} ({_first_line(err)}); point it at a folder "
+            raise ScenarioError(f"{_FIELD}: cannot load {name} ({_first_line(err)}); point it at a folder "
                                 "written by save_pretrained") from None
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
-        raise ScenarioError(f"{_FIELD}: no such folder: {name_or_path}; check the path")
+        raise ScenarioError(f"{_FIELD}: no such folder: {name}; check the path")
     try:
         return loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     except (OSError, ValueError):  # not in the cache
         pass
     if offline_mode() or not hub_reachable():
-        raise ScenarioError(f"{_FIELD}: '{name_or_path}' is neither a local folder nor in the Hugging Face cache, and "
+        raise ScenarioError(f"{_FIELD}: '{name}' is neither a local folder nor in the Hugging Face cache, and "
                             "the Hub cannot be reached; loading it needs a network connection, or set it to a local "
                             "checkpoint path (or use the offline tiny model by removing it)")
     try:
         return loader.from_pretrained(name_or_path, **kwargs)
     except Exception as err:
-        raise ScenarioError(f"{_FIELD}: cannot load '{name_or_path}' from the Hub ({_first_line(err)}); check the "
+        raise ScenarioError(f"{_FIELD}: cannot load '{name}' from the Hub ({_first_line(err)}); check the "
                             "name, or set it to a local checkpoint path") from None
 
 

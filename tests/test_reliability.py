@@ -1,0 +1,199 @@
+"""Reliability: checkpoints and bit-identical resume after SIGKILL and SIGTERM, workers killed mid-round,
+the retry budget, and injected client faults that must never poison the global model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import raysim
+from raysim.cli import main
+from raysim.config import parse_scenario
+from raysim.engine import checkpoint
+from raysim.engine.runner import execute
+from raysim.errors import ScenarioError
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _final(result) -> np.ndarray:
+    return np.load(result.run_dir / "final_model.npy")
+
+
+def _metrics_rounds(run_dir: Path) -> list[int]:
+    return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _start_run(tmp_path: Path, raw: dict) -> tuple[subprocess.Popen, Path]:
+    """``raysim run`` in a child process attached to the test's Ray cluster; returns it and its run folder."""
+    import ray
+
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "raysim.cli", "run", str(path), "--address", ray.get_runtime_context().gcs_address],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return child, Path(raw["output"]["dir"]) / raw["name"]
+
+
+def _wait_for_rounds(child: subprocess.Popen, run_dir: Path, rounds: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rounds:
+            return
+        if child.poll() is not None:
+            raise AssertionError(f"the run ended early ({child.returncode}): {child.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    child.kill()
+    raise AssertionError(f"no {rounds} rounds within {timeout}s")
+
+
+def _slow(raw: dict) -> dict:
+    """The same run, with every train call delayed (a delay never changes a result)."""
+    return {**raw, "faults": {"delay_worker": 0, "delay_seconds": 0.15}}
+
+
+@pytest.mark.parametrize("mode", ["sync", "fedbuff"])
+def test_a_run_killed_with_sigkill_resumes_to_a_bit_identical_model(tmp_path, tiny_scenario, mode):
+    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}
+    if mode == "fedbuff":
+        raw.update(system={"speed": {"kind": "lognormal", "mean": 10, "sigma": 1}},
+                   asynchronous={"mode": "fedbuff", "concurrency": 12, "buffer_size": 4})
+    reference = _final(raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "ref")}})))
+
+    child, run_dir = _start_run(tmp_path, _slow(raw))
+    _wait_for_rounds(child, run_dir, 3)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    saved = checkpoint.latest(run_dir)
+    assert saved is not None and saved.rounds_done in (2, 4)
+
+    resumed = execute(parse_scenario(_slow(raw)), resume=run_dir)
+    assert resumed.summary["resumed_after_round"] == saved.rounds_done
+    np.testing.assert_array_equal(_final(resumed), reference)
+    assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6]  # no duplicated or torn line
+
+
+def test_sigterm_finishes_the_round_checkpoints_and_resume_completes_it(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 5, "checkpoint": {"every": 100}}
+    reference = _final(raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "ref")}})))
+    child, run_dir = _start_run(tmp_path, _slow(raw))
+    _wait_for_rounds(child, run_dir, 1)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "raysim resume" in err
+    saved = checkpoint.latest(run_dir)
+    assert saved is not None and saved.rounds_done == len(_metrics_rounds(run_dir)) < 5
+
+    assert main(["resume", str(run_dir)]) == 0
+    np.testing.assert_array_equal(np.load(run_dir / "final_model.npy"), reference)
+    assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5]
+    assert main(["resume", str(run_dir)]) == 2  # a finished run has nothing to resume
+
+
+def test_a_worker_process_killed_from_outside_is_restarted_and_its_calls_rerun(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 4}
+    reference = _final(raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "ref")}})))
+    outcome: dict = {}
+    scenario = parse_scenario({**_slow(raw), "output": {"dir": str(tmp_path / "killed")}})
+    runner = threading.Thread(target=lambda: outcome.update(result=raysim.run(scenario)))
+    runner.start()
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and runner.is_alive():
+        pids = subprocess.run(["pgrep", "-f", "ray::ClientWorker.train"], capture_output=True, text=True).stdout.split()
+        if pids:
+            killed = int(pids[0])
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    runner.join(timeout=300)
+    assert killed is not None, "no worker was caught training"
+    result = outcome["result"]
+    np.testing.assert_array_equal(result.global_vector, reference)
+    assert result.summary["final"]["worker_failures_total"] >= 1
+
+
+def test_injected_worker_kills_leave_the_model_unchanged_and_are_counted(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 3, "evaluation": {"every": 1, "federated": True, "federated_clients": 10}}
+    reference = raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "ref")}}))
+    faulty = raysim.run(parse_scenario({**raw, "faults": {"kill_worker_every": 3}, "output": {"dir": str(tmp_path / "f")}}))
+    np.testing.assert_array_equal(faulty.global_vector, reference.global_vector)
+    assert faulty.summary["final"]["worker_failures_total"] >= 2
+    assert [m["fed_accuracy"] for m in faulty.history] == [m["fed_accuracy"] for m in reference.history]
+
+
+def test_secure_rounds_that_lose_a_worker_are_rerun_to_the_same_model(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 2, "secure_aggregation": {"threshold": 0.6},
+           "executor": {"num_workers": 2, "clients_per_call": 10}}  # one call per worker per round
+    reference = raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "ref")}}))
+    # Each worker dies at its second call, in round 2; the round is run again on the restarted workers.
+    faulty = raysim.run(parse_scenario({**raw, "faults": {"kill_worker_every": 2}, "output": {"dir": str(tmp_path / "f")}}))
+    np.testing.assert_array_equal(faulty.global_vector, reference.global_vector)
+    assert faulty.summary["final"]["worker_failures_total"] >= 1
+
+
+def test_the_retry_budget_stops_the_run_with_one_line_and_keeps_its_checkpoints(tmp_path, tiny_scenario, capsys):
+    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 1}, "executor": {**tiny_scenario["executor"],
+           "max_worker_failures": 0}, "faults": {"kill_worker_every": 5}}
+    path = tmp_path / "budget.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "executor.max_worker_failures" in err[0], err
+    run_dir = Path(raw["output"]["dir"]) / "tiny"
+    finished = len(_metrics_rounds(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+    saved = checkpoint.latest(run_dir)
+    assert (saved.rounds_done if saved else 0) == finished
+
+
+@pytest.mark.parametrize("fault", ["nan_fraction", "inf_fraction"])
+def test_non_finite_updates_are_rejected_and_the_round_goes_on_without_them(tmp_path, tiny_scenario, fault):
+    raw = {**tiny_scenario, "rounds": 2}
+    crashed = raysim.run(parse_scenario({**raw, "faults": {"client_error_fraction": 0.15},
+                                         "output": {"dir": str(tmp_path / "e")}}))
+    poisoned = raysim.run(parse_scenario({**raw, "faults": {fault: 0.15}, "output": {"dir": str(tmp_path / "p")}}))
+    assert np.isfinite(poisoned.global_vector).all()
+    assert poisoned.summary["final"]["rejected_total"] == crashed.summary["final"]["client_errors_total"] > 0
+    np.testing.assert_array_equal(poisoned.global_vector, crashed.global_vector)  # the same clients, left out
+
+
+def test_a_norm_bound_rejects_huge_updates_and_clipping_tames_them(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 2}
+    crashed = raysim.run(parse_scenario({**raw, "faults": {"client_error_fraction": 0.15},
+                                         "output": {"dir": str(tmp_path / "e")}}))
+    huge = {"faults": {"huge_fraction": 0.15}}
+    rejected = raysim.run(parse_scenario({**raw, **huge, "aggregation": {"norm_bound": 1e3, "norm_bound_action": "reject"},
+                                          "output": {"dir": str(tmp_path / "r")}}))
+    np.testing.assert_array_equal(rejected.global_vector, crashed.global_vector)
+    assert rejected.summary["final"]["norm_bounded"] > 0
+    unbounded = raysim.run(parse_scenario({**raw, **huge, "output": {"dir": str(tmp_path / "u")}}))
+    clipped = raysim.run(parse_scenario({**raw, **huge, "aggregation": {"norm_bound": 2.0},
+                                         "output": {"dir": str(tmp_path / "c")}}))
+    assert np.linalg.norm(unbounded.global_vector) > 100 * np.linalg.norm(clipped.global_vector)
+
+
+def test_client_faults_hit_the_same_clients_whatever_the_workers(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 2, "faults": {"nan_fraction": 0.1, "client_error_fraction": 0.1}}
+    one = raysim.run(parse_scenario({**raw, "executor": {"num_workers": 1, "clients_per_call": 3},
+                                     "output": {"dir": str(tmp_path / "1")}}))
+    two = raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "2")}}))
+    np.testing.assert_array_equal(one.global_vector, two.global_vector)
+    assert [m["client_errors"] for m in one.history] == [m["client_errors"] for m in two.history]
+
+
+def test_fault_fractions_over_one_are_refused():
+    with pytest.raises(ScenarioError, match="faults.client_error_fraction"):
+        parse_scenario({"faults": {"nan_fraction": 0.6, "client_error_fraction": 0.6}})
