@@ -20,15 +20,20 @@ _STREAM = 29
 MODEL_ATTACKS = ("sign_flip", "scaling", "noise")
 
 
+def check_labels(config: AdversaryConfig, num_classes: int) -> None:
+    """The attack against the dataset's labels, checked by the driver before any actor starts."""
+    if config.attack in ("label_flip", "backdoor") and num_classes < 2:
+        raise ScenarioError(f"adversary.attack: {config.attack} needs a classification task with labels")
+    if config.attack == "backdoor" and config.target_label >= num_classes:
+        raise ScenarioError(f"adversary.target_label: {config.target_label} is not a label of this dataset "
+                            f"(0..{num_classes - 1}); pick one of them")
+
+
 class MaliciousClients:
     """The seeded malicious set of a population and the attack its members run."""
 
     def __init__(self, config: AdversaryConfig, seed: int, num_clients: int, num_classes: int) -> None:
-        if config.attack in ("label_flip", "backdoor") and num_classes < 2:
-            raise ScenarioError(f"adversary.attack: {config.attack} needs a classification task with labels")
-        if config.attack == "backdoor" and config.target_label >= num_classes:
-            raise ScenarioError(f"adversary.target_label: {config.target_label} is not a label of this dataset "
-                                f"(0..{num_classes - 1}); pick one of them")
+        check_labels(config, num_classes)
         self.config, self.seed, self.num_classes = config, seed, num_classes
         self.ids = malicious_clients(seed, num_clients, config.fraction)
 

@@ -23,6 +23,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from raysim.adversary.clients import check_labels
 from raysim.config import Scenario
 from raysim.data.load import load_data, partition_data
 from raysim.data.partition import summarize
@@ -103,6 +104,8 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
     dataset = load_data(scenario)
     part = partition_data(scenario, dataset)
     system = client_system(scenario, part.sizes())  # a malformed trace fails here, before Ray starts
+    if scenario.adversary is not None:
+        check_labels(scenario.adversary, dataset.num_classes)
     saved = None if resume is None else checkpoint.latest(resume)
     owns_ray = connect(address)
     actors: list = []

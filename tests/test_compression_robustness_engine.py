@@ -1,0 +1,102 @@
+"""Compression, robust aggregation and attacks through the engine: exact bytes, error feedback state,
+the shared random mask under secure aggregation, determinism, and the combinations that are refused."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import raysim
+from raysim.compression import dense_bytes, keep_count
+from raysim.config import parse_scenario
+from raysim.errors import ScenarioError
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _run(tmp_path, raw, name, **extra):
+    return raysim.run(parse_scenario({**raw, **extra, "name": name, "output": {"dir": str(tmp_path)}}))
+
+
+def test_top_k_uploads_exactly_its_encoded_bytes_and_the_ratio_follows(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 2}
+    plain = _run(tmp_path, raw, "plain")
+    sparse = _run(tmp_path, raw, "topk", compression={"kind": "topk", "fraction": 0.1})
+    dim = plain.summary["num_parameters"]  # 16·32 + 32 + 32·5 + 5 = 709 < 2^16: 2-byte indices
+    k = keep_count(dim, 0.1)
+    for dense, compressed in zip(plain.history, sparse.history):
+        assert dense["bytes_up_per_client"] == dense_bytes(dim) == 5 + 4 * dim
+        assert compressed["bytes_up"] == compressed["kept"] * (9 + k * (2 + 4))
+        assert compressed["compression_ratio"] == pytest.approx((5 + 4 * dim) / (9 + 6 * k))
+        assert compressed["bytes_down"] == dense["bytes_down"] == compressed["clients"] * dense_bytes(dim)
+    assert sparse.summary["final"]["bytes_up_total"] == sum(m["bytes_up"] for m in sparse.history)
+
+
+def test_error_feedback_changes_the_model_and_is_deterministic_across_workers(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 3, "num_clients": 40}  # 20 of 40 per round: residuals get reused
+    ef = {"compression": {"kind": "topk", "fraction": 0.05, "error_feedback": True}}
+    without = _run(tmp_path, raw, "noef", compression={"kind": "topk", "fraction": 0.05})
+    one = _run(tmp_path, {**raw, "executor": {"num_workers": 1, "clients_per_call": 4}}, "ef1", **ef)
+    two = _run(tmp_path, raw, "ef2", **ef)
+    np.testing.assert_array_equal(one.global_vector, two.global_vector)
+    assert not np.array_equal(one.global_vector, without.global_vector)
+
+
+def test_the_shared_random_mask_composes_with_secure_aggregation(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 2}
+    mask = {"compression": {"kind": "random_mask", "fraction": 0.25, "error_feedback": True}}
+    plain = _run(tmp_path, raw, "mask", **mask)
+    secure = _run(tmp_path, raw, "secure-mask", secure_aggregation={"threshold": 0.6}, **mask)
+    dense_secure = _run(tmp_path, raw, "secure", secure_aggregation={"threshold": 0.6})
+    # Only the mask's k coordinates are masked and summed: the same model up to SecAgg's quantization,
+    np.testing.assert_allclose(secure.global_vector, plain.global_vector, atol=2e-3)
+    # and only k of the d ring words on the wire (the protocol's keys and shares are the same).
+    sent, dense_sent = (r.history[0]["secagg_client_bytes_sent_mean"] for r in (secure, dense_secure))
+    dim = plain.summary["num_parameters"]
+    assert (dense_sent - sent) / (dim - keep_count(dim, 0.25)) in (4, 8)  # 32- or 64-bit ring words
+
+
+BOOSTED = {"fraction": 0.1, "attack": "scaling", "scale": 1000.0}  # 20 of 200: at most 4 of a round's 20 here
+
+
+@pytest.mark.parametrize("rule", [{"rule": "median"}, {"rule": "trimmed_mean", "trim_fraction": 0.25},
+                                  {"rule": "multikrum", "byzantine": 4}])
+def test_robust_rules_resist_boosted_attackers_that_wreck_the_mean(tmp_path, tiny_scenario, rule):
+    robust = _run(tmp_path, {**tiny_scenario, "rounds": 3, "adversary": BOOSTED}, "robust", aggregation=rule)
+    assert 0 < max(m["malicious"] for m in robust.history) <= 4
+    assert robust.final_accuracy > 0.5
+    assert np.linalg.norm(robust.global_vector) < 100
+
+
+def test_the_mean_is_wrecked_by_the_same_attack(tmp_path, tiny_scenario):
+    assert np.linalg.norm(_run(tmp_path, {**tiny_scenario, "rounds": 3, "adversary": BOOSTED}, "mean").global_vector) > 1000
+
+
+def test_attacks_are_deterministic_under_the_seed_and_report_backdoor_accuracy(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 2, "adversary": {"fraction": 0.2, "attack": "backdoor", "target_label": 1}}
+    first, again = _run(tmp_path, raw, "a"), _run(tmp_path, {**raw, "executor": {"num_workers": 1}}, "b")
+    np.testing.assert_array_equal(first.global_vector, again.global_vector)
+    assert [m["malicious"] for m in first.history] == [m["malicious"] for m in again.history]
+    assert 0.0 <= first.summary["final"]["backdoor_accuracy"] <= 1.0
+    other = _run(tmp_path, {**raw, "seed": 4}, "c")
+    assert [m["malicious"] for m in other.history] != [m["malicious"] for m in first.history] or \
+        not np.array_equal(other.global_vector, first.global_vector)
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"aggregation": {"rule": "median"}, "secure_aggregation": {}}, "aggregation.rule"),
+    ({"aggregation": {"rule": "krum", "byzantine": 9}}, "aggregation.byzantine"),
+    ({"compression": {"kind": "topk"}, "secure_aggregation": {}}, "compression.kind"),
+    ({"compression": {"kind": "quantize"}, "privacy": {"mechanism": "central", "noise_multiplier": 1.0}},
+     "compression.kind"),
+    ({"adversary": {"attack": "backdoor", "target_label": 7}}, "adversary.target_label"),
+])
+def test_combinations_that_cannot_compose_are_refused_with_the_field(tmp_path, tiny_scenario, extra, field):
+    with pytest.raises(ScenarioError, match=field.replace(".", r"\.")):
+        raysim.run(parse_scenario({**tiny_scenario, **extra, "output": {"dir": str(tmp_path)}}))
+
+
+def test_keep_count_is_the_ceiling_of_the_fraction():
+    assert keep_count(709, 0.1) == math.ceil(70.9)
