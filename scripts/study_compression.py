@@ -18,7 +18,7 @@ a Markdown table, writes it to ``<out>/compression.md`` (a hand-written reading 
 uploaded bytes, log x. The last line printed is ``compression_study: ...``, the best method by
 bytes to the target.
 
-Usage: OMP_NUM_THREADS=1 python scripts/study_compression.py [--rounds 40] [--seeds 0] [--target 0.9]
+Usage: OMP_NUM_THREADS=1 python scripts/study_compression.py [--rounds 40] [--seeds 0 1] [--target 0.9]
        [--budget 0.1] [--out docs/studies]
 """
 
@@ -221,7 +221,7 @@ def write_report(path: Path, setup: str, results_table: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--target", type=float, default=0.9, help="target as a share of FedAvg's final accuracy")
     parser.add_argument("--budget", type=float, default=0.1, help="upload budget as a share of FedAvg's total")
     parser.add_argument("--out", type=Path, default=Path("docs/studies"))

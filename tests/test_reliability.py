@@ -30,6 +30,17 @@ def _final(result) -> np.ndarray:
     return np.load(result.run_dir / "final_model.npy")
 
 
+_REFERENCES: dict[str, raysim.Result] = {}
+
+
+def _reference(tmp_path: Path, raw: dict) -> raysim.Result:
+    """The uninterrupted, fault-free run of ``raw``, run once per test session."""
+    key = json.dumps({k: v for k, v in raw.items() if k != "output"}, sort_keys=True)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "reference")}}))
+    return _REFERENCES[key]
+
+
 def _metrics_rounds(run_dir: Path) -> list[int]:
     return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -60,6 +71,23 @@ def _wait_for_rounds(child: subprocess.Popen, run_dir: Path, rounds: int, timeou
     raise AssertionError(f"no {rounds} rounds within {timeout}s")
 
 
+def _session_processes() -> list:
+    """The processes of this test session's Ray node (not another session's on the same machine)."""
+    import psutil
+    import ray
+
+    return psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid).children(recursive=True)
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def _slow(raw: dict) -> dict:
     """The same run, with every train call delayed (a delay never changes a result)."""
     return {**raw, "faults": {"delay_worker": 0, "delay_seconds": 0.15}}
@@ -71,7 +99,7 @@ def test_a_run_killed_with_sigkill_resumes_to_a_bit_identical_model(tmp_path, ti
     if mode == "fedbuff":
         raw.update(system={"speed": {"kind": "lognormal", "mean": 10, "sigma": 1}},
                    asynchronous={"mode": "fedbuff", "concurrency": 12, "buffer_size": 4})
-    reference = _final(raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "ref")}})))
+    reference = _reference(tmp_path, raw).global_vector
 
     child, run_dir = _start_run(tmp_path, _slow(raw))
     _wait_for_rounds(child, run_dir, 3)
@@ -87,8 +115,8 @@ def test_a_run_killed_with_sigkill_resumes_to_a_bit_identical_model(tmp_path, ti
 
 
 def test_sigterm_finishes_the_round_checkpoints_and_resume_completes_it(tmp_path, tiny_scenario):
-    raw = {**tiny_scenario, "rounds": 5, "checkpoint": {"every": 100}}
-    reference = _final(raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "ref")}})))
+    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}
+    reference = _reference(tmp_path, raw).global_vector
     child, run_dir = _start_run(tmp_path, _slow(raw))
     _wait_for_rounds(child, run_dir, 1)
     child.send_signal(signal.SIGTERM)
@@ -96,17 +124,17 @@ def test_sigterm_finishes_the_round_checkpoints_and_resume_completes_it(tmp_path
     assert child.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "raysim resume" in err
     saved = checkpoint.latest(run_dir)
-    assert saved is not None and saved.rounds_done == len(_metrics_rounds(run_dir)) < 5
+    assert saved is not None and saved.rounds_done == len(_metrics_rounds(run_dir)) < 6
 
     assert main(["resume", str(run_dir)]) == 0
     np.testing.assert_array_equal(np.load(run_dir / "final_model.npy"), reference)
-    assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5]
+    assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6]
     assert main(["resume", str(run_dir)]) == 2  # a finished run has nothing to resume
 
 
 def test_a_worker_process_killed_from_outside_is_restarted_and_its_calls_rerun(tmp_path, tiny_scenario):
-    raw = {**tiny_scenario, "rounds": 4}
-    reference = _final(raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "ref")}})))
+    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}
+    reference = _reference(tmp_path, raw).global_vector
     outcome: dict = {}
     scenario = parse_scenario({**_slow(raw), "output": {"dir": str(tmp_path / "killed")}})
     runner = threading.Thread(target=lambda: outcome.update(result=raysim.run(scenario)))
@@ -114,10 +142,10 @@ def test_a_worker_process_killed_from_outside_is_restarted_and_its_calls_rerun(t
     killed = None
     deadline = time.monotonic() + 120
     while killed is None and time.monotonic() < deadline and runner.is_alive():
-        pids = subprocess.run(["pgrep", "-f", "ray::ClientWorker.train"], capture_output=True, text=True).stdout.split()
-        if pids:
-            killed = int(pids[0])
-            os.kill(killed, signal.SIGKILL)
+        training = [p for p in _session_processes() if "ClientWorker.train" in " ".join(_cmdline(p))]
+        if training:
+            killed = training[0].pid
+            training[0].kill()
         time.sleep(0.05)
     runner.join(timeout=300)
     assert killed is not None, "no worker was caught training"
@@ -128,17 +156,17 @@ def test_a_worker_process_killed_from_outside_is_restarted_and_its_calls_rerun(t
 
 def test_injected_worker_kills_leave_the_model_unchanged_and_are_counted(tmp_path, tiny_scenario):
     raw = {**tiny_scenario, "rounds": 3, "evaluation": {"every": 1, "federated": True, "federated_clients": 10}}
-    reference = raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "ref")}}))
-    faulty = raysim.run(parse_scenario({**raw, "faults": {"kill_worker_every": 3}, "output": {"dir": str(tmp_path / "f")}}))
+    reference = _reference(tmp_path, raw)
+    faulty = raysim.run(parse_scenario({**raw, "faults": {"kill_worker_every": 6}, "output": {"dir": str(tmp_path / "f")}}))
     np.testing.assert_array_equal(faulty.global_vector, reference.global_vector)
-    assert faulty.summary["final"]["worker_failures_total"] >= 2
+    assert faulty.summary["final"]["worker_failures_total"] >= 1
     assert [m["fed_accuracy"] for m in faulty.history] == [m["fed_accuracy"] for m in reference.history]
 
 
 def test_secure_rounds_that_lose_a_worker_are_rerun_to_the_same_model(tmp_path, tiny_scenario):
     raw = {**tiny_scenario, "rounds": 2, "secure_aggregation": {"threshold": 0.6},
            "executor": {"num_workers": 2, "clients_per_call": 10}}  # one call per worker per round
-    reference = raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "ref")}}))
+    reference = _reference(tmp_path, raw)
     # Each worker dies at its second call, in round 2; the round is run again on the restarted workers.
     faulty = raysim.run(parse_scenario({**raw, "faults": {"kill_worker_every": 2}, "output": {"dir": str(tmp_path / "f")}}))
     np.testing.assert_array_equal(faulty.global_vector, reference.global_vector)
@@ -159,39 +187,31 @@ def test_the_retry_budget_stops_the_run_with_one_line_and_keeps_its_checkpoints(
     assert (saved.rounds_done if saved else 0) == finished
 
 
-@pytest.mark.parametrize("fault", ["nan_fraction", "inf_fraction"])
-def test_non_finite_updates_are_rejected_and_the_round_goes_on_without_them(tmp_path, tiny_scenario, fault):
+def test_non_finite_updates_are_rejected_and_the_round_goes_on_without_them(tmp_path, tiny_scenario):
     raw = {**tiny_scenario, "rounds": 2}
-    crashed = raysim.run(parse_scenario({**raw, "faults": {"client_error_fraction": 0.15},
-                                         "output": {"dir": str(tmp_path / "e")}}))
-    poisoned = raysim.run(parse_scenario({**raw, "faults": {fault: 0.15}, "output": {"dir": str(tmp_path / "p")}}))
+    crashed = _reference(tmp_path, {**raw, "faults": {"client_error_fraction": 0.15}})
+    # The same 15% of clients (fault draws are per client, not per worker), now sending NaN or Inf.
+    poisoned = raysim.run(parse_scenario({**raw, "faults": {"nan_fraction": 0.1, "inf_fraction": 0.05},
+                                          "executor": {"num_workers": 1, "clients_per_call": 4},
+                                          "output": {"dir": str(tmp_path / "p")}}))
     assert np.isfinite(poisoned.global_vector).all()
     assert poisoned.summary["final"]["rejected_total"] == crashed.summary["final"]["client_errors_total"] > 0
-    np.testing.assert_array_equal(poisoned.global_vector, crashed.global_vector)  # the same clients, left out
+    np.testing.assert_array_equal(poisoned.global_vector, crashed.global_vector)
 
 
 def test_a_norm_bound_rejects_huge_updates_and_clipping_tames_them(tmp_path, tiny_scenario):
     raw = {**tiny_scenario, "rounds": 2}
-    crashed = raysim.run(parse_scenario({**raw, "faults": {"client_error_fraction": 0.15},
-                                         "output": {"dir": str(tmp_path / "e")}}))
+    crashed = _reference(tmp_path, {**raw, "faults": {"client_error_fraction": 0.15}})
     huge = {"faults": {"huge_fraction": 0.15}}
     rejected = raysim.run(parse_scenario({**raw, **huge, "aggregation": {"norm_bound": 1e3, "norm_bound_action": "reject"},
                                           "output": {"dir": str(tmp_path / "r")}}))
     np.testing.assert_array_equal(rejected.global_vector, crashed.global_vector)
     assert rejected.summary["final"]["norm_bounded"] > 0
-    unbounded = raysim.run(parse_scenario({**raw, **huge, "output": {"dir": str(tmp_path / "u")}}))
     clipped = raysim.run(parse_scenario({**raw, **huge, "aggregation": {"norm_bound": 2.0},
                                          "output": {"dir": str(tmp_path / "c")}}))
-    assert np.linalg.norm(unbounded.global_vector) > 100 * np.linalg.norm(clipped.global_vector)
-
-
-def test_client_faults_hit_the_same_clients_whatever_the_workers(tmp_path, tiny_scenario):
-    raw = {**tiny_scenario, "rounds": 2, "faults": {"nan_fraction": 0.1, "client_error_fraction": 0.1}}
-    one = raysim.run(parse_scenario({**raw, "executor": {"num_workers": 1, "clients_per_call": 3},
-                                     "output": {"dir": str(tmp_path / "1")}}))
-    two = raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "2")}}))
-    np.testing.assert_array_equal(one.global_vector, two.global_vector)
-    assert [m["client_errors"] for m in one.history] == [m["client_errors"] for m in two.history]
+    # Unclipped, the 1e6× updates would dominate the mean; clipped to norm 2 they cannot.
+    assert np.linalg.norm(clipped.global_vector) < 2 * np.linalg.norm(crashed.global_vector)
+    assert clipped.summary["final"]["norm_bounded"] > 0
 
 
 def test_fault_fractions_over_one_are_refused():
