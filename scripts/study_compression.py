@@ -125,12 +125,12 @@ def summarize(curves: dict[str, list[Curve]], ratios: dict[str, list[float]], ta
     for method, runs in curves.items():
         final_mean, final_std = mean_std([run[-1][1] for run in runs])
         total_mb = statistics.fmean(run[-1][0] for run in runs) / 1e6
-        at_budget = [accuracy_within(run, b) for run, b in zip(runs, budgets)]
-        budget_cell = (f"{100 * statistics.fmean(a for a in at_budget if a is not None):.2f}"
-                       + ("" if all(a is not None for a in at_budget) else " (some seeds: no round fits)")
-                       if any(a is not None for a in at_budget) else "— (no round fits)")
-        reached = [(sent, base) for sent, base in ((bytes_to(run, t), b) for run, t, b in
-                                                   zip(runs, targets, base_bytes)) if sent is not None]
+        fits = [a for a in (accuracy_within(run, b) for run, b in zip(runs, budgets)) if a is not None]
+        budget_cell = f"{100 * statistics.fmean(fits):.2f}" if fits else "— (no round fits)"
+        if fits and len(fits) < len(runs):
+            budget_cell += " (some seeds: no round fits)"
+        reached = [(sent, base) for sent, base in ((bytes_to(run, t), b) for run, t, b in zip(runs, targets, base_bytes))
+                   if sent is not None]
         if reached:
             reach_cell = f"{statistics.fmean(s for s, _ in reached) / 1e6:.3f} ({len(reached)}/{len(runs)})"
             savings = statistics.fmean(b / s for s, b in reached if b is not None)
@@ -143,11 +143,13 @@ def summarize(curves: dict[str, list[Curve]], ratios: dict[str, list[float]], ta
                      f"| {statistics.fmean(ratios[method]):.1f} | {budget_cell} | {reach_cell} | {saving_cell} |")
     base_final = statistics.fmean(run[-1][1] for run in base_runs)
     if best is None:
-        closing = f"compression_study: no compressed method reached {target:.0%} of FedAvg's final accuracy on every seed"
+        closing = (f"compression_study: no compressed method reached {target:.0%} of FedAvg's final accuracy "
+                   "on every seed")
     else:
         savings, method, final, goal = best
         closing = (f"compression_study: {method} reaches {100 * goal:.1f}% ({target:.0%} of FedAvg's final) with "
-                   f"{savings:.1f}× fewer upload bytes than FedAvg; final {100 * final:.1f}% vs {100 * base_final:.1f}%")
+                   f"{savings:.1f}× fewer upload bytes than FedAvg; "
+                   f"final {100 * final:.1f}% vs {100 * base_final:.1f}%")
     return "\n".join(lines), closing
 
 

@@ -112,12 +112,17 @@ def run_grid(rounds: int, seed: int, sign_scale: float) -> dict[str, dict[str, d
                 cell = run_one(rounds, seed, rule, fraction, attack or "backdoor", sign_scale)
                 for target in ATTACKS if attack is None else (attack,):
                     cells[target][rule][fraction] = cell
-                shown = cell.get("error") or (f"acc={cell['accuracy']:.4f}"
-                                              + (f" backdoor={cell['backdoor']:.4f}" if cell["backdoor"] is not None else "")
-                                              + f" malicious/round mean={cell['malicious_mean']:.1f} max={cell['malicious_max']}")
-                print(f"{rule:<13} {attack or 'none':<10} {fraction:.0%}: {shown} ({time.perf_counter() - tick:.1f} s)",
-                      flush=True)
+                print(f"{rule:<13} {attack or 'none':<10} {fraction:.0%}: {progress_text(cell)} "
+                      f"({time.perf_counter() - tick:.1f} s)", flush=True)
     return cells
+
+
+def progress_text(cell: Cell) -> str:
+    if "error" in cell:
+        return cell["error"]
+    backdoor = "" if cell["backdoor"] is None else f" backdoor={cell['backdoor']:.4f}"
+    return (f"acc={cell['accuracy']:.4f}{backdoor} "
+            f"malicious/round mean={cell['malicious_mean']:.1f} max={cell['malicious_max']}")
 
 
 def cell_text(cell: Cell, backdoor: bool) -> str:
@@ -200,8 +205,8 @@ def write_report(path: Path, setup: str, body: str) -> None:
     reading = "\n"
     if path.exists() and READING_MARKER in path.read_text(encoding="utf-8"):
         reading = path.read_text(encoding="utf-8").split(READING_MARKER, 1)[1]
-    path.write_text(f"# Robustness study: aggregation rules under attack\n\n{setup}\n\n{body}\n\n{READING_MARKER}{reading}",
-                    encoding="utf-8")
+    title = "# Robustness study: aggregation rules under attack"
+    path.write_text(f"{title}\n\n{setup}\n\n{body}\n\n{READING_MARKER}{reading}", encoding="utf-8")
 
 
 def main() -> None:
@@ -229,8 +234,8 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     body = "\n\n".join(part for part in (tables(cells, args.sign_scale), attackers_text(cells), errors_text(cells))
                        if part)
-    write_report(args.out / "robustness.md", setup_text(command, args.rounds, args.seed, args.sign_scale, minutes, load),
-                 body)
+    setup = setup_text(command, args.rounds, args.seed, args.sign_scale, minutes, load)
+    write_report(args.out / "robustness.md", setup, body)
     print(body)
     print(f"grid_minutes: {minutes:.1f}")
     print(f"robustness_study_runs: {len(RULES) * (1 + len(ATTACKS) * (len(FRACTIONS) - 1))}")

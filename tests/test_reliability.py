@@ -217,3 +217,35 @@ def test_a_norm_bound_rejects_huge_updates_and_clipping_tames_them(tmp_path, tin
 def test_fault_fractions_over_one_are_refused():
     with pytest.raises(ScenarioError, match="faults.client_error_fraction"):
         parse_scenario({"faults": {"nan_fraction": 0.6, "client_error_fraction": 0.6}})
+
+
+@pytest.mark.parametrize("extra", [
+    {"strategy": {"name": "scaffold", "state_store": "disk"}},
+    {"strategy": {"name": "fedadam", "server_lr": 0.03}},
+    {"privacy": {"mechanism": "central", "noise_multiplier": 0.5, "clip_norm": 1.0}},
+    {"compression": {"kind": "topk", "fraction": 0.1, "error_feedback": True}, "num_clients": 40},
+], ids=["scaffold-disk", "fedadam", "central-dp", "topk-error-feedback"])
+def test_resuming_from_a_checkpoint_restores_every_kind_of_server_state(tmp_path, tiny_scenario, extra):
+    raw = {**tiny_scenario, "rounds": 4, "checkpoint": {"every": 2}, **extra}
+    whole = raysim.run(parse_scenario(raw))
+    (whole.run_dir / "summary.json").unlink()
+    resumed = execute(parse_scenario(raw), resume=whole.run_dir)  # from the checkpoint after round 2
+    assert resumed.summary["resumed_after_round"] == 2
+    np.testing.assert_array_equal(resumed.global_vector, whole.global_vector)
+    assert _metrics_rounds(whole.run_dir) == [1, 2, 3, 4]
+    if "privacy" in extra:
+        assert resumed.summary["privacy"] == whole.summary["privacy"]
+
+
+def test_resume_refuses_a_different_scenario_or_a_folder_without_a_run(tmp_path, tiny_scenario, capsys):
+    from raysim.config import scenario_to_yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_scenario))
+    run_dir = Path(tiny_scenario["output"]["dir"]) / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(scenario_to_yaml(parse_scenario(tiny_scenario)))
+    assert main(["run", str(path), "--resume", "--set", "training.lr=0.5"]) == 2
+    assert main(["resume", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "--resume: training differs" in lines[0] and "config.yaml is missing" in lines[1]
