@@ -73,8 +73,7 @@ def test_the_shared_random_mask_composes_with_secure_aggregation(tmp_path, tiny_
 BOOSTED = {"fraction": 0.1, "attack": "scaling", "scale": 1000.0}  # 20 of 200: at most 4 of a round's 20 here
 
 
-@pytest.mark.parametrize("rule", [{"rule": "median"}, {"rule": "trimmed_mean", "trim_fraction": 0.25},
-                                  {"rule": "multikrum", "byzantine": 4}])
+@pytest.mark.parametrize("rule", [{"rule": "median"}, {"rule": "multikrum", "byzantine": 4}])
 def test_robust_rules_resist_boosted_attackers_that_wreck_the_mean(tmp_path, tiny_scenario, rule):
     robust = _run(tmp_path, {**tiny_scenario, "rounds": 2, "adversary": BOOSTED}, "robust", aggregation=rule)
     assert 0 < max(m["malicious"] for m in robust.history) <= 4

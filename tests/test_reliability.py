@@ -114,9 +114,9 @@ def test_a_run_killed_with_sigkill_resumes_to_a_bit_identical_model(tmp_path, ti
     assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6]  # no duplicated or torn line
 
 
-def test_sigterm_finishes_the_round_checkpoints_and_resume_completes_it(tmp_path, tiny_scenario):
-    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}
-    reference = _reference(tmp_path, raw).global_vector
+def test_sigterm_checkpoints_the_finished_round_and_run_resume_continues_it(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 100}}
+    reference = _reference(tmp_path, {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}).global_vector
     child, run_dir = _start_run(tmp_path, _slow(raw))
     _wait_for_rounds(child, run_dir, 1)
     child.send_signal(signal.SIGTERM)
@@ -126,7 +126,7 @@ def test_sigterm_finishes_the_round_checkpoints_and_resume_completes_it(tmp_path
     saved = checkpoint.latest(run_dir)
     assert saved is not None and saved.rounds_done == len(_metrics_rounds(run_dir)) < 6
 
-    assert main(["resume", str(run_dir)]) == 0
+    assert main(["run", str(tmp_path / "scenario.yaml"), "--resume"]) == 0
     np.testing.assert_array_equal(np.load(run_dir / "final_model.npy"), reference)
     assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6]
     assert main(["resume", str(run_dir)]) == 2  # a finished run has nothing to resume
@@ -155,12 +155,12 @@ def test_a_worker_process_killed_from_outside_is_restarted_and_its_calls_rerun(t
 
 
 def test_injected_worker_kills_leave_the_model_unchanged_and_are_counted(tmp_path, tiny_scenario):
-    raw = {**tiny_scenario, "rounds": 3, "evaluation": {"every": 1, "federated": True, "federated_clients": 10}}
+    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}
     reference = _reference(tmp_path, raw)
-    faulty = raysim.run(parse_scenario({**raw, "faults": {"kill_worker_every": 6}, "output": {"dir": str(tmp_path / "f")}}))
+    faulty = raysim.run(parse_scenario({**raw, "faults": {"kill_worker_every": 10}, "output": {"dir": str(tmp_path / "f")}}))
     np.testing.assert_array_equal(faulty.global_vector, reference.global_vector)
     assert faulty.summary["final"]["worker_failures_total"] >= 1
-    assert [m["fed_accuracy"] for m in faulty.history] == [m["fed_accuracy"] for m in reference.history]
+    assert [m["accuracy"] for m in faulty.history] == [m["accuracy"] for m in reference.history]
 
 
 def test_secure_rounds_that_lose_a_worker_are_rerun_to_the_same_model(tmp_path, tiny_scenario):
@@ -220,11 +220,11 @@ def test_fault_fractions_over_one_are_refused():
 
 
 @pytest.mark.parametrize("extra", [
-    {"strategy": {"name": "scaffold", "state_store": "disk"}},
-    {"strategy": {"name": "fedadam", "server_lr": 0.03}},
-    {"privacy": {"mechanism": "central", "noise_multiplier": 0.5, "clip_norm": 1.0}},
-    {"compression": {"kind": "topk", "fraction": 0.1, "error_feedback": True}, "num_clients": 40},
-], ids=["scaffold-disk", "fedadam", "central-dp", "topk-error-feedback"])
+    {"strategy": {"name": "scaffold", "state_store": "disk"}, "num_clients": 40,  # two disk stores
+     "compression": {"kind": "topk", "fraction": 0.1, "error_feedback": True}},
+    {"strategy": {"name": "fedadam", "server_lr": 0.03},  # optimizer moments and the accountant
+     "privacy": {"mechanism": "central", "noise_multiplier": 0.5, "clip_norm": 1.0}},
+], ids=["scaffold-and-error-feedback-on-disk", "fedadam-with-central-dp"])
 def test_resuming_from_a_checkpoint_restores_every_kind_of_server_state(tmp_path, tiny_scenario, extra):
     raw = {**tiny_scenario, "rounds": 4, "checkpoint": {"every": 2}, **extra}
     whole = raysim.run(parse_scenario(raw))
