@@ -35,15 +35,14 @@ TOPK = {"kind": "topk", "fraction": 0.1}
 
 def test_top_k_uploads_exactly_its_encoded_bytes_and_the_ratio_follows(tmp_path, tiny_scenario):
     raw = {**tiny_scenario, "rounds": 2}
-    plain = _run(tmp_path, raw, "plain")
     sparse = _shared(tmp_path, raw, "topk", compression=TOPK)
-    dim = plain.summary["num_parameters"]  # 16·32 + 32 + 32·5 + 5 = 709 < 2^16: 2-byte indices
+    dim = sparse.summary["num_parameters"]  # 16·32 + 32 + 32·5 + 5 = 709 < 2^16: 2-byte indices
     k = keep_count(dim, 0.1)
-    for dense, compressed in zip(plain.history, sparse.history):
-        assert dense["bytes_up_per_client"] == dense_bytes(dim) == 5 + 4 * dim
+    assert dense_bytes(dim) == 5 + 4 * dim
+    for compressed in sparse.history:
         assert compressed["bytes_up"] == compressed["kept"] * (9 + k * (2 + 4))
         assert compressed["compression_ratio"] == pytest.approx((5 + 4 * dim) / (9 + 6 * k))
-        assert compressed["bytes_down"] == dense["bytes_down"] == compressed["clients"] * dense_bytes(dim)
+        assert compressed["bytes_down"] == compressed["clients"] * dense_bytes(dim)  # downloads stay dense
     assert sparse.summary["final"]["bytes_up_total"] == sum(m["bytes_up"] for m in sparse.history)
 
 
@@ -74,15 +73,11 @@ BOOSTED = {"fraction": 0.1, "attack": "scaling", "scale": 1000.0}  # 20 of 200: 
 
 
 @pytest.mark.parametrize("rule", [{"rule": "median"}, {"rule": "multikrum", "byzantine": 4}])
-def test_robust_rules_resist_boosted_attackers_that_wreck_the_mean(tmp_path, tiny_scenario, rule):
+def test_robust_rules_resist_boosted_attackers(tmp_path, tiny_scenario, rule):
     robust = _run(tmp_path, {**tiny_scenario, "rounds": 2, "adversary": BOOSTED}, "robust", aggregation=rule)
     assert 0 < max(m["malicious"] for m in robust.history) <= 4
     assert robust.final_accuracy > 0.4  # 5 classes: chance is 0.2; the boosted mean below is far worse
     assert np.linalg.norm(robust.global_vector) < 100
-
-
-def test_the_mean_is_wrecked_by_the_same_attack(tmp_path, tiny_scenario):
-    assert np.linalg.norm(_run(tmp_path, {**tiny_scenario, "rounds": 2, "adversary": BOOSTED}, "mean").global_vector) > 1000
 
 
 def test_attacks_are_deterministic_under_the_seed_and_report_backdoor_accuracy(tmp_path, tiny_scenario):

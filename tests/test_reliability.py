@@ -45,7 +45,7 @@ def _metrics_rounds(run_dir: Path) -> list[int]:
     return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _start_run(tmp_path: Path, raw: dict) -> tuple[subprocess.Popen, Path]:
+def _start_run(tmp_path: Path, raw: dict, *flags: str) -> tuple[subprocess.Popen, Path]:
     """``raysim run`` in a child process attached to the test's Ray cluster; returns it and its run folder."""
     import ray
 
@@ -53,7 +53,7 @@ def _start_run(tmp_path: Path, raw: dict) -> tuple[subprocess.Popen, Path]:
     path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(
-        [sys.executable, "-m", "raysim.cli", "run", str(path), "--address", ray.get_runtime_context().gcs_address],
+        [sys.executable, "-m", "raysim.cli", "run", str(path), "--address", ray.get_runtime_context().gcs_address, *flags],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return child, Path(raw["output"]["dir"]) / raw["name"]
 
@@ -93,12 +93,10 @@ def _slow(raw: dict) -> dict:
     return {**raw, "faults": {"delay_worker": 0, "delay_seconds": 0.15}}
 
 
-@pytest.mark.parametrize("mode", ["sync", "fedbuff"])
-def test_a_run_killed_with_sigkill_resumes_to_a_bit_identical_model(tmp_path, tiny_scenario, mode):
-    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}
-    if mode == "fedbuff":
-        raw.update(system={"speed": {"kind": "lognormal", "mean": 10, "sigma": 1}},
-                   asynchronous={"mode": "fedbuff", "concurrency": 12, "buffer_size": 4})
+def test_an_async_run_killed_with_sigkill_resumes_to_a_bit_identical_model(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2},
+           "system": {"speed": {"kind": "lognormal", "mean": 10, "sigma": 1}},
+           "asynchronous": {"mode": "fedbuff", "concurrency": 12, "buffer_size": 4}}
     reference = _reference(tmp_path, raw).global_vector
 
     child, run_dir = _start_run(tmp_path, _slow(raw))
@@ -114,21 +112,29 @@ def test_a_run_killed_with_sigkill_resumes_to_a_bit_identical_model(tmp_path, ti
     assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6]  # no duplicated or torn line
 
 
-def test_sigterm_checkpoints_the_finished_round_and_run_resume_continues_it(tmp_path, tiny_scenario):
-    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 100}}
-    reference = _reference(tmp_path, {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}).global_vector
+def test_sigterm_then_sigkill_mid_run_and_resume_give_a_bit_identical_model(tmp_path, tiny_scenario):
+    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}
+    reference = _reference(tmp_path, raw).global_vector
     child, run_dir = _start_run(tmp_path, _slow(raw))
     _wait_for_rounds(child, run_dir, 1)
-    child.send_signal(signal.SIGTERM)
+    child.send_signal(signal.SIGTERM)  # finishes the round in flight, checkpoints it, exits 143
     _, err = child.communicate(timeout=60)
     assert child.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "raysim resume" in err
-    saved = checkpoint.latest(run_dir)
-    assert saved is not None and saved.rounds_done == len(_metrics_rounds(run_dir)) < 6
+    stopped = checkpoint.latest(run_dir)
+    assert stopped is not None and stopped.rounds_done == len(_metrics_rounds(run_dir)) < 4
 
-    assert main(["run", str(tmp_path / "scenario.yaml"), "--resume"]) == 0
-    np.testing.assert_array_equal(np.load(run_dir / "final_model.npy"), reference)
-    assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6]
+    child, _ = _start_run(tmp_path, _slow(raw), "--resume")
+    _wait_for_rounds(child, run_dir, stopped.rounds_done + 2)
+    child.send_signal(signal.SIGKILL)  # no warning: the last periodic checkpoint is all there is
+    child.wait(timeout=30)
+    saved = checkpoint.latest(run_dir)
+    assert saved is not None and saved.rounds_done >= stopped.rounds_done
+
+    resumed = execute(parse_scenario(_slow(raw)), resume=run_dir)
+    assert resumed.summary["resumed_after_round"] == saved.rounds_done
+    np.testing.assert_array_equal(_final(resumed), reference)
+    assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6]  # no duplicated or torn line
     assert main(["resume", str(run_dir)]) == 2  # a finished run has nothing to resume
 
 
@@ -152,15 +158,6 @@ def test_a_worker_process_killed_from_outside_is_restarted_and_its_calls_rerun(t
     result = outcome["result"]
     np.testing.assert_array_equal(result.global_vector, reference)
     assert result.summary["final"]["worker_failures_total"] >= 1
-
-
-def test_injected_worker_kills_leave_the_model_unchanged_and_are_counted(tmp_path, tiny_scenario):
-    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}
-    reference = _reference(tmp_path, raw)
-    faulty = raysim.run(parse_scenario({**raw, "faults": {"kill_worker_every": 10}, "output": {"dir": str(tmp_path / "f")}}))
-    np.testing.assert_array_equal(faulty.global_vector, reference.global_vector)
-    assert faulty.summary["final"]["worker_failures_total"] >= 1
-    assert [m["accuracy"] for m in faulty.history] == [m["accuracy"] for m in reference.history]
 
 
 def test_secure_rounds_that_lose_a_worker_are_rerun_to_the_same_model(tmp_path, tiny_scenario):
@@ -199,7 +196,7 @@ def test_non_finite_updates_are_rejected_and_the_round_goes_on_without_them(tmp_
     np.testing.assert_array_equal(poisoned.global_vector, crashed.global_vector)
 
 
-def test_a_norm_bound_rejects_huge_updates_and_clipping_tames_them(tmp_path, tiny_scenario):
+def test_a_norm_bound_rejects_huge_updates(tmp_path, tiny_scenario):
     raw = {**tiny_scenario, "rounds": 2}
     crashed = _reference(tmp_path, {**raw, "faults": {"client_error_fraction": 0.15}})
     huge = {"faults": {"huge_fraction": 0.15}}
@@ -207,11 +204,6 @@ def test_a_norm_bound_rejects_huge_updates_and_clipping_tames_them(tmp_path, tin
                                           "output": {"dir": str(tmp_path / "r")}}))
     np.testing.assert_array_equal(rejected.global_vector, crashed.global_vector)
     assert rejected.summary["final"]["norm_bounded"] > 0
-    clipped = raysim.run(parse_scenario({**raw, **huge, "aggregation": {"norm_bound": 2.0},
-                                         "output": {"dir": str(tmp_path / "c")}}))
-    # Unclipped, the 1e6× updates would dominate the mean; clipped to norm 2 they cannot.
-    assert np.linalg.norm(clipped.global_vector) < 2 * np.linalg.norm(crashed.global_vector)
-    assert clipped.summary["final"]["norm_bounded"] > 0
 
 
 def test_fault_fractions_over_one_are_refused():
@@ -219,13 +211,9 @@ def test_fault_fractions_over_one_are_refused():
         parse_scenario({"faults": {"nan_fraction": 0.6, "client_error_fraction": 0.6}})
 
 
-@pytest.mark.parametrize("extra", [
-    {"strategy": {"name": "scaffold", "state_store": "disk"}, "num_clients": 40,  # two disk stores
-     "compression": {"kind": "topk", "fraction": 0.1, "error_feedback": True}},
-    {"strategy": {"name": "fedadam", "server_lr": 0.03},  # optimizer moments and the accountant
-     "privacy": {"mechanism": "central", "noise_multiplier": 0.5, "clip_norm": 1.0}},
-], ids=["scaffold-and-error-feedback-on-disk", "fedadam-with-central-dp"])
-def test_resuming_from_a_checkpoint_restores_every_kind_of_server_state(tmp_path, tiny_scenario, extra):
+def test_resuming_restores_disk_client_state_stores_and_optimizer_state(tmp_path, tiny_scenario):
+    extra = {"strategy": {"name": "scaffold", "state_store": "disk", "server_lr": 0.5}, "num_clients": 40,
+             "compression": {"kind": "topk", "fraction": 0.1, "error_feedback": True}}  # two disk stores
     raw = {**tiny_scenario, "rounds": 4, "checkpoint": {"every": 2}, **extra}
     whole = raysim.run(parse_scenario(raw))
     (whole.run_dir / "summary.json").unlink()
@@ -233,8 +221,6 @@ def test_resuming_from_a_checkpoint_restores_every_kind_of_server_state(tmp_path
     assert resumed.summary["resumed_after_round"] == 2
     np.testing.assert_array_equal(resumed.global_vector, whole.global_vector)
     assert _metrics_rounds(whole.run_dir) == [1, 2, 3, 4]
-    if "privacy" in extra:
-        assert resumed.summary["privacy"] == whole.summary["privacy"]
 
 
 def test_resume_refuses_a_different_scenario_or_a_folder_without_a_run(tmp_path, tiny_scenario, capsys):

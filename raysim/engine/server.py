@@ -32,7 +32,6 @@ from raysim.errors import ScenarioError
 from raysim.models.flat import FlatParams
 from raysim.models.task import task_for
 from raysim.models.zoo import build_model
-from raysim.privacy.dp.server import CentralDP, LocalDPLedger, effective_distributed_z
 from raysim.privacy.secagg.setup import SecureRound, quantization_scale, round_params
 from raysim.strategies import Aggregate, make_strategy
 from raysim.strategies.robust import robust_aggregate
@@ -85,10 +84,14 @@ class RoundServer:
         self.x_test, self.y_test = torch.from_numpy(np.array(x_test)), torch.from_numpy(np.array(y_test))
         self.clock = None if system is None else SyncClock(system, scenario, model_bytes=4 * self.global_vec.size)
         privacy = scenario.privacy
-        self.central_dp = None if privacy is None or privacy.mechanism == "local" else CentralDP(
-            privacy, sample_rate=scenario.sample_rate, rounds=scenario.rounds, total_weight=dp_total_weight,
-            expected_cohort=scenario.sample_rate * scenario.num_clients)
-        self.local_dp = LocalDPLedger(privacy) if privacy is not None and privacy.mechanism == "local" else None
+        self.central_dp = self.local_dp = None
+        if privacy is not None:  # Opacus's accountants load only in runs that use them
+            from raysim.privacy.dp.server import CentralDP, LocalDPLedger
+
+            self.central_dp = None if privacy.mechanism == "local" else CentralDP(
+                privacy, sample_rate=scenario.sample_rate, rounds=scenario.rounds, total_weight=dp_total_weight,
+                expected_cohort=scenario.sample_rate * scenario.num_clients)
+            self.local_dp = LocalDPLedger(privacy) if privacy.mechanism == "local" else None
         if self.central_dp is not None:
             self.weight_bound = 1.0  # DP-FedAvg weights are min(n/cap, 1) ≤ 1
         self.run_dir = None if state_dir is None else Path(state_dir).parent
@@ -323,6 +326,8 @@ class RoundServer:
                     total, unclipped=unclipped, rng=np.random.default_rng([self.scenario.seed, round_index, 13]),
                     server_noise=self.scenario.privacy.mechanism == "central")
                 if self.scenario.privacy.mechanism == "distributed":
+                    from raysim.privacy.dp.server import effective_distributed_z
+
                     out["dp_effective_noise_multiplier"] = effective_distributed_z(
                         self.central_dp.update_noise_multiplier, int(included.sum()), secure.params.threshold)
             aggregate = Aggregate(mean_delta=mean_delta, total_weight=weight,
