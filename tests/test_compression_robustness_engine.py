@@ -96,6 +96,7 @@ def test_attacks_are_deterministic_under_the_seed_and_report_backdoor_accuracy(t
     ({"compression": {"kind": "quantize"}, "privacy": {"mechanism": "central", "noise_multiplier": 1.0}},
      "compression.kind"),
     ({"adversary": {"attack": "backdoor", "target_label": 7}}, "adversary.target_label"),
+    ({"adversary": {"attack": "backdoor", "trigger_size": 17}}, "adversary.trigger_size"),
 ])
 def test_combinations_that_cannot_compose_are_refused_with_the_field(tmp_path, tiny_scenario, extra, field):
     with pytest.raises(ScenarioError, match=field.replace(".", r"\.")):

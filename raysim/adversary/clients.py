@@ -20,8 +20,13 @@ _STREAM = 29
 MODEL_ATTACKS = ("sign_flip", "scaling", "noise")
 
 
-def check_labels(config: AdversaryConfig, num_classes: int) -> None:
-    """The attack against the dataset's labels, checked by the driver before any actor starts."""
+def check_labels(config: AdversaryConfig, num_classes: int, feature_shape: tuple[int, ...] | None = None) -> None:
+    """The attack against the dataset's labels and shape, checked by the driver before any actor starts."""
+    if config.attack == "backdoor" and feature_shape:
+        room = feature_shape[-1] if len(feature_shape) == 1 else min(feature_shape[-2:])
+        if config.trigger_size > room:
+            raise ScenarioError(f"adversary.trigger_size: {config.trigger_size} does not fit samples of shape "
+                                f"{tuple(feature_shape)}; use at most {room}")
     if config.attack in ("label_flip", "backdoor") and num_classes < 2:
         raise ScenarioError(f"adversary.attack: {config.attack} needs a classification task with labels")
     if config.attack == "backdoor" and config.target_label >= num_classes:

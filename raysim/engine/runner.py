@@ -105,7 +105,7 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
     part = partition_data(scenario, dataset)
     system = client_system(scenario, part.sizes())  # a malformed trace fails here, before Ray starts
     if scenario.adversary is not None:
-        check_labels(scenario.adversary, dataset.num_classes)
+        check_labels(scenario.adversary, dataset.num_classes, dataset.feature_shape)
     saved = None if resume is None else checkpoint.latest(resume)
     owns_ray = connect(address)
     actors: list = []
