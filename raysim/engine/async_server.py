@@ -101,7 +101,7 @@ class Launcher:
 
     def _fill(self) -> None:
         while self.waiting:
-            worker = min(range(len(self.workers)), key=self.load.__getitem__)
+            worker = min(self.failures.up(self.workers), key=self.load.__getitem__)
             if self.load[worker] >= self.in_flight:
                 return
             packed: list[tuple[Key, Task]] = [heapq.heappop(self.waiting)]

@@ -4,9 +4,10 @@ surviving workers that die.
 Results are returned in chunk order, whatever order Ray completes them in, so every reduction the
 server does afterwards is independent of timing and of the number of workers. Workers are started
 with unlimited Ray restarts; when a worker process dies mid-call (killed, out of memory, its node
-lost) Ray brings it back, on any node with room, and the call is re-run. Training is a pure
-function of (model version, client, round seed), so a re-run returns exactly what the lost call
-would have. ``WorkerFailures`` counts the deaths and stops the run once its budget is spent.
+lost) its calls are re-run on the workers still up, and Ray brings it back, on any node with room,
+to rejoin once it answers. Training is a pure function of (model version, client, round seed), so
+a re-run returns exactly what the lost call would have. ``WorkerFailures`` tracks which workers are
+down, counts the deaths and stops the run once its budget is spent.
 """
 
 from __future__ import annotations
@@ -25,20 +26,24 @@ WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, 
                ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
 
 
-_RETRIES_PER_DEATH = 60  # lost calls while a worker restarts (~1 minute of backoff) before it counts as dead again
+_RETRIES_PER_DEATH = 60  # calls lost on a worker that is down before it counts as dead again
 
 
 class WorkerFailures:
-    """Counts worker deaths; past ``budget`` of them the run stops with one line (its checkpoints kept).
+    """Which workers are down, and how many deaths so far; past ``budget`` of them the run stops with
+    one line (its checkpoints kept).
 
-    Every call in flight on a worker that dies is lost, and calls sent while Ray restarts it fail
-    fast, so a death is counted once, when a worker that last answered fails; later losses on it
-    only back off (50 ms doubling to 1 s) until it answers again.
+    Every call in flight on a worker that dies is lost, so a death is counted once, when a worker
+    that last answered fails. A dead worker is *down*: no call goes to it while another worker is
+    up, so its calls move to the survivors at once, and a cheap probe call, checked without
+    waiting, tells when Ray has it back (restarted on any node with room, such as one an autoscaler
+    added for a lost node). When every worker is down, calls go to all of them after a backoff.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget, self.count = budget, 0
         self.down: dict[int, int] = {}  # worker position → calls lost since its death was counted
+        self.probes: dict[int, ray.ObjectRef] = {}
 
     def lost(self, position: int, err: BaseException) -> None:
         retries = self.down.get(position)
@@ -52,11 +57,31 @@ class WorkerFailures:
                     f"(last: {type(err).__name__}: {cause}); fix the cause or raise the budget, then resume "
                     "from the last checkpoint"
                 )
-        self.down[position] = retries + 1
-        time.sleep(min(0.05 * 2**retries, 1.0))
+        if position >= 0:
+            self.down[position] = retries + 1
 
     def alive(self, position: int) -> None:
         self.down.pop(position, None)
+        self.probes.pop(position, None)
+
+    def up(self, workers: Sequence[ray.actor.ActorHandle]) -> list[int]:
+        """The positions to send calls to."""
+        for position in list(self.down):
+            probe = self.probes.get(position)
+            if probe is not None and ray.wait([probe], timeout=0)[0]:
+                try:
+                    ray.get(probe)
+                    self.alive(position)
+                    continue
+                except WORKER_LOST:
+                    probe = None
+            if probe is None:
+                self.probes[position] = workers[position].placement.remote()
+        live = [position for position in range(len(workers)) if position not in self.down]
+        if live:
+            return live
+        time.sleep(min(0.05 * 2 ** min(self.down.values()), 1.0))
+        return list(range(len(workers)))
 
 
 def lost_position(err: BaseException, workers: Sequence[ray.actor.ActorHandle]) -> int:
@@ -83,29 +108,32 @@ def map_chunks(
     Each worker keeps up to ``in_flight`` calls queued so it never waits for the driver between calls;
     a worker that finishes a call is handed the next chunk (dynamic load balancing). ``placement``,
     when given, is filled with chunk index → worker position, for calls that must follow a chunk.
-    A call lost with its worker is counted in ``failures`` and re-run when the worker is back; with
+    A call lost with its worker is counted in ``failures`` and re-run on a worker that is up; with
     ``rerun`` False the calls still running are waited for and the loss is raised instead (a secure
     round starts over, and no call of the abandoned attempt may touch the workers afterwards).
     """
     queue = deque(range(len(chunks)))
     pending: dict[ray.ObjectRef, tuple[int, int]] = {}
     results: list[Any] = [None] * len(chunks)
+    failures = failures or WorkerFailures(0)
+    load = [0] * len(workers)
 
     def submit(position: int) -> None:
         index = queue.popleft()
         ref = getattr(workers[position], method).remote(*common, index, chunks[index])
         pending[ref] = (position, index)
+        load[position] += 1
         if placement is not None:
             placement[index] = position
 
     for _ in range(in_flight):
-        for position in range(len(workers)):
+        for position in failures.up(workers):
             if queue:
                 submit(position)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         position, index = pending.pop(ready[0])
-        failures = failures or WorkerFailures(0)
+        load[position] -= 1
         try:
             results[index] = ray.get(ready[0])
             failures.alive(position)
@@ -114,7 +142,8 @@ def map_chunks(
             if not rerun:
                 ray.wait(list(pending), num_returns=len(pending))
                 raise
-            queue.appendleft(index)  # the restarted worker takes its call back
+            queue.appendleft(index)
+            position = min(failures.up(workers), key=load.__getitem__)  # the least busy worker that is up
         if queue:
             submit(position)
     return results
