@@ -64,6 +64,13 @@ class WorkerFailures:
         self.down.pop(position, None)
         self.probes.pop(position, None)
 
+    def wait_up(self, workers: Sequence[ray.actor.ActorHandle], seconds: float = 120.0) -> None:
+        """Block until every down worker answers a probe, or ``seconds`` pass (a lost node may not return)."""
+        deadline = time.monotonic() + seconds
+        while self.down and time.monotonic() < deadline:
+            self.up(workers)
+            time.sleep(0.1)
+
     def up(self, workers: Sequence[ray.actor.ActorHandle]) -> list[int]:
         """The positions to send calls to."""
         for position in list(self.down):

@@ -209,6 +209,7 @@ class RoundServer:
                 return self._reduce_and_step(chunks, round_index, plan, placement)
             except WORKER_LOST as err:  # a secure round lost a worker, in training or in the protocol's phases
                 self.failures.lost(lost_position(err, self.workers), err)
+                self.failures.wait_up(self.workers)  # start the next attempt with the restarted workers
 
     def _batches(self, sampled: np.ndarray, epochs: np.ndarray) -> list[ClientBatch]:
         size = self.scenario.executor.clients_per_call
