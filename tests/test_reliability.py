@@ -162,9 +162,9 @@ def test_a_worker_process_killed_from_outside_is_restarted_and_its_calls_rerun(t
 
 def test_secure_rounds_that_lose_a_worker_are_rerun_to_the_same_model(tmp_path, tiny_scenario):
     raw = {**tiny_scenario, "rounds": 2, "secure_aggregation": {"threshold": 0.6},
-           "executor": {"num_workers": 2, "clients_per_call": 10}}  # one call per worker per round
+           "executor": {"num_workers": 2, "clients_per_call": 20}}  # one call per round, to the first worker
     reference = _reference(tmp_path, raw)
-    # Each worker dies at its second call, in round 2; the round is run again on the restarted workers.
+    # The first worker dies at its second call, in round 2; the round starts over on the restarted worker.
     faulty = raysim.run(parse_scenario({**raw, "faults": {"kill_worker_every": 2}, "output": {"dir": str(tmp_path / "f")}}))
     np.testing.assert_array_equal(faulty.global_vector, reference.global_vector)
     assert faulty.summary["final"]["worker_failures_total"] >= 1
