@@ -244,6 +244,8 @@ class SecureAggregationConfig(_Strict):
     dropout: dict[Literal["advertise_keys", "share_keys", "masked_input", "consistency_check", "unmasking"], float] = Field(default_factory=dict)
     schedule: dict[Literal["advertise_keys", "share_keys", "masked_input", "consistency_check", "unmasking"], list[int]] = Field(default_factory=dict)
     late: list[int] = Field(default_factory=list)
+    diagnostics: bool = Field(False, description="report secagg_quantization_error, ‖secure − plain‖/‖plain‖; the "
+                                                 "plain sum is computed by the driver, never sent to the server actor")
 
     @field_validator("dropout")
     @classmethod
@@ -360,6 +362,13 @@ class AvailabilityConfig(_Strict):
     probability: float = 1.0
     on_s: float | None = None
     off_s: float | None = None
+
+
+def oversample_count(keep: int, over_selection: float, population: int) -> int:
+    """How many clients to sample so that ``keep`` finish: ⌈keep·over_selection⌉, at most the population."""
+    if not (math.isfinite(over_selection) and over_selection >= 1.0):
+        raise ScenarioError(f"system.over_selection: must be >= 1 (got {over_selection}); FedScale uses 1.3")
+    return min(population, math.ceil(keep * over_selection - 1e-9))  # 10 × 1.3 is 13.000000000000002
 
 
 class SystemConfig(_Strict):
@@ -666,8 +675,10 @@ class Scenario(_Strict):
             raise ValueError("privacy: differential privacy is not supported in asynchronous modes yet; remove one of the blocks")
         if privacy.mechanism == "distributed" and self.secure_aggregation is None:
             raise ValueError("privacy.mechanism: distributed DP adds noise under secure aggregation; add a secure_aggregation block")
-        if privacy.mechanism == "distributed" and privacy.clip_norm > self.secure_aggregation.clip_range:
-            raise ValueError("privacy.clip_norm: must be <= secure_aggregation.clip_range so clipped coordinates are not clipped again")
+        if privacy.mechanism != "local" and self.secure_aggregation is not None \
+                and privacy.clip_norm > self.secure_aggregation.clip_range:
+            raise ValueError("privacy.clip_norm: must be <= secure_aggregation.clip_range so that clipped updates are not "
+                             "clipped again and their rounding stays within its norm bound; lower it or raise clip_range")
         if self.strategy.name == "scaffold":
             raise ValueError("privacy.mechanism: SCAFFOLD's control variates are not privatized; use fedavg, fedprox or a server optimizer")
         if privacy.mechanism == "local" and (self.strategy.mu > 0 or privacy.adaptive or privacy.target_epsilon):
@@ -678,9 +689,17 @@ class Scenario(_Strict):
 
     @property
     def sample_rate(self) -> float:
-        """q: the probability that a given client trains in a round (exact for Poisson sampling)."""
+        """q for the privacy accountant: the largest probability that a client's update is aggregated in a round.
+
+        The Poisson rate; K/N for fixed-size sampling; ⌈K·over_selection⌉/N with over-selection, since a
+        client that always finishes first is kept whenever it is among the ⌈K·over_selection⌉ drawn. DP-FedAvg's
+        fixed denominator qW uses the expected kept fraction K/N instead (``raysim.privacy.dp.sampling``).
+        """
         if self.sampling.kind == "poisson":
             return float(self.sampling.rate)
+        if self.system is not None and self.system.over_selection > 1.0:
+            drawn = oversample_count(self.sampling.clients_per_round, self.system.over_selection, self.num_clients)
+            return drawn / self.num_clients
         return self.sampling.clients_per_round / self.num_clients
 
     @property

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from raysim.config import Scenario, TrackingConfig, scenario_to_yaml
 from raysim.errors import ScenarioError
+from raysim.privacy.dp.sampling import epsilon_caveat, sampling_assumption
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -183,23 +184,36 @@ class Tracker:
     W&B gets the resolved scenario as its config, one history row per round with ``round`` as the
     step metric (so synchronous and asynchronous runs share an x-axis), and the summary at the end.
     Runs of a sweep share ``tracking.group``. Everything sent to W&B passes through ``scrub``.
+
+    With privacy, the W&B summary carries ``epsilon_assumption`` (what ε assumes about client sampling)
+    from the start, and the bar shows ε, starred (``ε*``) when the sampling is not what the accountant
+    assumes; the note behind the star is printed once.
     """
 
     def __init__(self, folder: RunFolder, scenario: Scenario, done: int = 0) -> None:
         self.folder = folder
         self.bar = tqdm(total=scenario.rounds, initial=done, unit="round", desc=scenario.name, file=sys.stderr,
                         disable=not (scenario.tracking.progress and sys.stderr.isatty()))
+        self.epsilon_note = epsilon_caveat(scenario)
+        self.epsilon_label = "ε" if self.epsilon_note is None else "ε*"
         mode, reason = resolve_wandb_mode(scenario.tracking)
         self.wandb_run = None
         if mode != "disabled":
             _announce(mode, reason)
             self.wandb_run = _start_wandb(folder, scenario, mode)
+            if scenario.privacy is not None:
+                self.wandb_run.summary.update(scrub({"epsilon_assumption": sampling_assumption(scenario)}))
 
     def log(self, metrics: dict[str, Any]) -> None:
         self.folder.append_metrics(metrics)
         if self.wandb_run is not None:
             self.wandb_run.log(scrub(metrics))
         shown = {k: f"{metrics[k]:.4f}" for k in ("loss", "accuracy") if isinstance(metrics.get(k), float)}
+        if isinstance(metrics.get("epsilon"), float):
+            shown[self.epsilon_label] = f"{metrics['epsilon']:.3f}"
+            if self.epsilon_note is not None and not self.bar.disable:
+                self.bar.write(f"raysim: ε* {self.epsilon_note}", file=sys.stderr)
+                self.epsilon_note = None  # once
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 

@@ -1,16 +1,31 @@
 """Differential privacy in the engine: central DP-FedAvg, local DP-SGD and distributed DP, with their accounting."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 
 import raysim
 from raysim.config import PrivacyConfig, apply_overrides, parse_scenario
+from raysim.engine.server import initial_global
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
 from raysim.errors import ScenarioError
 from raysim.privacy.dp.server import CentralDP
 
 CENTRAL = ["privacy.mechanism=central", "privacy.noise_multiplier=0.5"]
+DISTRIBUTED = ["privacy.mechanism=distributed", "privacy.noise_multiplier=0.5", "secure_aggregation.threshold=0.5"]
+
+
+def rdp_epsilons(z: float, q: float, rounds: int, delta: float = 1e-5) -> list[float]:
+    """ε after each of ``rounds`` steps of (z, q), straight from Opacus's RDP accountant."""
+    accountant, out = RDPAccountant(), []
+    for _ in range(rounds):
+        accountant.step(noise_multiplier=z, sample_rate=q)
+        out.append(accountant.get_epsilon(delta))
+    return out
 
 
 @pytest.mark.parametrize(("kind", "steps", "expected"), [("rdp", 2250, 7.32911117143), ("prv", 2249, 6.777395712150674)])
@@ -20,7 +35,7 @@ def test_opacus_accountant_vectors_through_the_servers_privacy_report(kind, step
     rng = np.random.default_rng(0)
     for _ in range(steps):
         dp.aggregate(np.zeros(2), unclipped=4, rng=rng, server_noise=True)
-    report = dp.report("central", steps, "poisson")
+    report = dp.report("central", steps, "poisson", "Poisson sampling")
     assert report["epsilon"] == pytest.approx(expected, rel=1e-6)
     assert report["noise_multiplier"] == 1.5 and report["sample_rate"] == 0.04 and report["accountant"] == kind
 
@@ -69,20 +84,29 @@ def test_central_dp_reports_epsilon_every_round_and_a_privacy_block(ray_session,
 
 def test_adaptive_clipping_shrinks_a_clip_far_above_every_update(ray_session, tiny_scenario):
     result = raysim.run(tiny_scenario, overrides=[*CENTRAL, "privacy.clip_norm=100", "privacy.adaptive.learning_rate=0.5"])
-    clips = [m["dp_clip_norm"] for m in result.history]
-    assert clips[-1] < clips[0] < 100
     assert all(m["dp_unclipped_fraction"] == 1.0 for m in result.history)
+    clip, expected = 100.0, []
+    for r in range(3):  # C ← C·exp(−η(b̄ − γ)), b̄ = (20 + N(0, σ_b²))/20 with σ_b = 20/20, drawn after the update noise
+        rng = np.random.default_rng([3, r, 13])
+        rng.standard_normal(result.global_vector.size)
+        clip *= math.exp(-0.5 * ((20 + rng.normal(0.0, 1.0)) / 20 - 0.5))
+        expected.append(clip)
+    assert [m["dp_clip_norm"] for m in result.history] == pytest.approx(expected, rel=1e-12)
 
 
 def test_target_epsilon_solves_z_and_the_budget_stops_or_warns(ray_session, tiny_scenario):
     poisson = ["sampling.kind=poisson", "sampling.rate=0.1"]
     solved = raysim.run(tiny_scenario, overrides=[*poisson, "privacy.mechanism=central", "privacy.target_epsilon=3", "name=t"])
-    assert solved.summary["privacy"]["epsilon"] <= 3.0 + 1e-3 and solved.summary["privacy"]["noise_multiplier"] > 0
+    z = get_noise_multiplier(target_epsilon=3, target_delta=1e-5, sample_rate=0.1, steps=3, accountant="rdp")
+    assert solved.summary["privacy"]["noise_multiplier"] == z
+    assert solved.summary["privacy"]["epsilon"] == pytest.approx(rdp_epsilons(z, 0.1, 3)[-1], rel=1e-9)
     capped = [*CENTRAL, "privacy.budget_epsilon=9", "rounds=6"]
+    eps = rdp_epsilons(0.5, 0.1, 6)  # 7.355, 9.131, ...: only the first round fits within ε = 9
     stopped = raysim.run(tiny_scenario, overrides=[*capped, "name=stop"])
-    assert 0 < len(stopped.history) < 6 and stopped.summary["privacy"]["epsilon"] <= 9
+    assert len(stopped.history) == 1 and stopped.summary["privacy"]["epsilon"] == pytest.approx(eps[0], rel=1e-9)
     warned = raysim.run(tiny_scenario, overrides=[*capped, "name=warn", "privacy.on_budget=warn"])
-    assert len(warned.history) == 6 and warned.history[-1]["epsilon"] > 9
+    assert [m["epsilon"] for m in warned.history] == pytest.approx(eps, rel=1e-9)
+    assert "dp_budget_exceeded" in warned.history[1] and "dp_budget_exceeded" not in warned.history[0]
 
 
 def test_local_dp_sgd_keeps_each_clients_accountant_across_rounds(ray_session, tiny_scenario):
@@ -95,13 +119,35 @@ def test_local_dp_sgd_keeps_each_clients_accountant_across_rounds(ray_session, t
 
 
 def test_distributed_dp_noise_travels_inside_the_secure_sum(ray_session, tiny_scenario):
-    result = raysim.run(tiny_scenario, overrides=["privacy.mechanism=distributed", "privacy.noise_multiplier=0.5",
-                                                  "secure_aggregation.threshold=0.5"])
+    result = raysim.run(tiny_scenario, overrides=[*DISTRIBUTED, "secure_aggregation.diagnostics=true"])
     last = result.history[-1]
-    assert last["secagg_aborted"] == 0 and last["epsilon"] > 0
+    assert last["secagg_aborted"] == 0 and last["dp_empty_round"] == 0
+    assert [m["epsilon"] for m in result.history] == pytest.approx(rdp_epsilons(0.5, 0.1, 3), rel=1e-9)
     assert last["dp_effective_noise_multiplier"] == pytest.approx(0.5 * np.sqrt(20 / 10))
+    c, d = (2**26 - 1) / 2, result.global_vector.size  # S·scale with 26 quantization bits for 20 clients
+    assert last["dp_l2_sensitivity"] == pytest.approx(math.sqrt(c * c + d / 4 + c + math.sqrt(d) / 2), rel=1e-12)
     assert last["secagg_quantization_error"] > 1e-3  # the released sum carries the clients' noise
-    assert result.final_accuracy > 0.3
+    assert result.final_accuracy >= 0.6046 - 0.01  # what this run reaches (0.6046), less a small margin
+
+
+def test_an_aborted_distributed_round_releases_nothing_and_is_still_accounted(ray_session, tiny_scenario):
+    aborted = raysim.run(tiny_scenario, overrides=[*DISTRIBUTED, "rounds=2", "secure_aggregation.threshold=15",
+                                                   "secure_aggregation.dropout.masked_input=0.9"])
+    assert all(m["secagg_aborted"] == 1 and m["dp_empty_round"] == 1 for m in aborted.history)
+    assert np.array_equal(aborted.global_vector, initial_global(parse_scenario(tiny_scenario), (16,), 5))
+    assert [m["epsilon"] for m in aborted.history] == pytest.approx(rdp_epsilons(0.5, 0.1, 2), rel=1e-9)
+    assert aborted.summary["privacy"]["empty_rounds"] == 2
+
+
+def test_over_selection_is_accounted_at_the_worst_case_participation_rate(ray_session, tiny_scenario):
+    result = raysim.run(tiny_scenario, overrides=[
+        *CENTRAL, "sampling.clients_per_round=10", "system.speed.kind=lognormal", "system.speed.mean=100",
+        "system.speed.sigma=1", "system.over_selection=1.3"])
+    assert all(m["clients"] == 13 and m["kept"] == 10 for m in result.history)
+    assert [m["epsilon"] for m in result.history] == pytest.approx(rdp_epsilons(0.5, 13 / 200, 3), rel=1e-9)
+    block = result.summary["privacy"]
+    assert block["sample_rate"] == 13 / 200 and block["denominator_rate"] == 10 / 200
+    assert "⌈K·over_selection⌉/N = 13/200" in block["sampling_assumption"]
 
 
 @pytest.mark.parametrize(("overrides", "field"), [

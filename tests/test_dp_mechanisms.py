@@ -241,13 +241,25 @@ def test_discrete_noise_on_field_elements_wraps_modulo():
 
 
 def test_effective_noise_multiplier_reports_the_dropout_assumption():
-    sensitivity = quantized_sensitivity(clip_norm=1.0, scale=64.0)
+    sensitivity = quantized_sensitivity(clip_norm=1.0, scale=64.0, dimension=100)
     variance = target_variance(1.2, sensitivity)
     worst_case = effective_noise_multiplier(target_variance=variance, min_survivors=8, sensitivity=sensitivity)
     assert worst_case == pytest.approx(1.2)
     with_all = effective_noise_multiplier(target_variance=variance, min_survivors=8, sensitivity=sensitivity, survivors=10)
     assert with_all == pytest.approx(1.2 * math.sqrt(10 / 8))
-    assert quantized_sensitivity(clip_norm=1.0, scale=64.0, dimension=100) == pytest.approx(74.0)
+
+
+@pytest.mark.parametrize(("clip", "scale", "dim", "beta", "expected"), [
+    # c = 64, d = 100, β = e^−0.5 (so √(2 ln 1/β) = 1): min{4096 + 25 + 1·(64 + 5), (64 + 10)²} = 4190
+    (1.0, 64.0, 100, math.exp(-0.5), math.sqrt(4190.0)),
+    # c = 1, d = 10⁴: min{1 + 2500 + 1·(1 + 50), 101²} = 2552
+    (0.5, 2.0, 10_000, math.exp(-0.5), math.sqrt(2552.0)),
+    # a tiny β makes the first bound loose: (c + √d)² = (1 + 1)² wins
+    (1.0, 1.0, 1, 1e-10, 2.0),
+    (1.0, 64.0, 100, 0.0, 74.0),  # β = 0: only the deterministic bound c + √d
+])
+def test_quantized_sensitivity_is_the_conditional_rounding_bound_of_kairouz_liu_steinke(clip, scale, dim, beta, expected):
+    assert quantized_sensitivity(clip, scale, dim, beta) == pytest.approx(expected, rel=1e-12)
 
 
 def test_distributed_rejects_an_unknown_noise_kind():

@@ -10,6 +10,7 @@ import pytest
 
 from raysim.privacy.secagg import crypto, shamir
 from raysim.privacy.secagg.errors import SecAggError
+from raysim.privacy.secagg.sealed_state import RowSealer, sealed_width
 
 ALICE_SECRET = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"
 ALICE_PUBLIC = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
@@ -140,3 +141,21 @@ def test_shamir_float_matrix_product_is_exact_for_large_thresholds():
             for a in reversed(coefficients[:, column].tolist()):
                 horner = (horner * x + a) % shamir.PRIME
             assert int(values[row, column]) == horner
+
+
+def test_sealed_client_state_opens_exactly_and_is_aes_ctr_under_a_fresh_counter_per_client_and_round():
+    key = bytes(range(32))
+    rows = np.random.default_rng(0).normal(size=(3, 257)).astype(np.float32)
+    ids = np.array([5, 9, 2**40])
+    sealer = RowSealer(key)
+    sealed = sealer.seal(ids, 7, rows)
+    assert sealed.shape == (3, sealed_width(257))
+    assert np.array_equal(sealer.open(ids, sealed).view(np.uint32), rows.view(np.uint32))  # bit for bit
+    # The payload is AES-256-CTR of the row's bytes from counter block (client id, round + 1, 0).
+    expected = crypto.keystream_block(key, (9).to_bytes(8, "big") + (8).to_bytes(4, "big") + bytes(4), rows[1].tobytes())
+    assert sealed[1, 2:].tobytes() == expected
+    assert sealed[1, :2].view("<i8")[0] == 8
+    again = sealer.seal(ids, 8, rows)  # the same state written in another round: another keystream
+    assert (again[:, 2:].view(np.uint32) == sealed[:, 2:].view(np.uint32)).mean() < 0.01
+    assert not np.array_equal(RowSealer(bytes(32)).open(ids, sealed), rows)  # another key reads garbage
+    assert np.array_equal(sealer.open(ids, np.zeros((3, sealed_width(257)), np.float32)), np.zeros((3, 257)))

@@ -26,10 +26,16 @@ from raysim.privacy.secagg import (
     run_round,
 )
 from raysim.privacy.secagg.dropout import CONSISTENCY_CHECK, MASKED_INPUT, UNMASKING
-from raysim.privacy.secagg.messages import MaskedInput, UnmaskRequest, UnmaskResponse
+from raysim.config import apply_overrides, parse_scenario
+from raysim.privacy.secagg import crypto, masking, shamir
+from raysim.privacy.secagg.messages import MaskedInput, SurvivorList, UnmaskRequest, UnmaskResponse
+from raysim.privacy.secagg.setup import round_params
 
 N, M = 24, 1000
 GRAPHS = {"full": None, "sparse": 8}
+# With the consistency check (a malicious server) t must exceed n/2, and so the sparse graph needs k ≥ t − 1.
+CC_THRESHOLD = N // 2 + 1
+CC_GRAPHS = {"full": None, "sparse": 20}
 
 
 def ring_inputs(params: SecAggParams, n: int = N, m: int = M, seed: int = 0) -> dict[int, np.ndarray]:
@@ -60,7 +66,9 @@ def test_unmasked_sum_equals_the_plain_sum_without_dropouts(graph):
 @pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("phase", PHASES)
 def test_unmasked_sum_is_exact_with_drops_in_each_phase(graph, phase):
-    params = SecAggParams(num_clients=N, threshold=5, neighbours=GRAPHS[graph], consistency_check=phase == CONSISTENCY_CHECK)
+    checked = phase == CONSISTENCY_CHECK
+    params = SecAggParams(num_clients=N, threshold=CC_THRESHOLD if checked else 5,
+                          neighbours=(CC_GRAPHS if checked else GRAPHS)[graph], consistency_check=checked)
     inputs = ring_inputs(params, seed=1)
     dropout = DropoutModel(schedule={phase: [101, 107, 113]})
     result = run_round(inputs, params, dropout, seed=2)
@@ -72,7 +80,7 @@ def test_unmasked_sum_is_exact_with_drops_in_each_phase(graph, phase):
 
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_unmasked_sum_is_exact_with_mixed_and_random_drops_and_a_late_client(graph):
-    params = SecAggParams(num_clients=N, threshold=5, neighbours=GRAPHS[graph], consistency_check=True)
+    params = SecAggParams(num_clients=N, threshold=CC_THRESHOLD, neighbours=CC_GRAPHS[graph], consistency_check=True)
     inputs = ring_inputs(params, seed=3)
     dropout = DropoutModel(
         probabilities={MASKED_INPUT: 0.1, UNMASKING: 0.1},
@@ -180,18 +188,37 @@ def _payloads(value) -> list[bytes]:
     return []
 
 
+WINDOW = 16  # bytes: four words, eight of them random (inputs are 16-bit values in 32-bit words)
+
+
+def _windows(blob: bytes) -> set[bytes]:
+    """Every WINDOW-byte run of ``blob``, at every offset."""
+    return {blob[i : i + WINDOW] for i in range(len(blob) - WINDOW + 1)}
+
+
+def _leaked_runs(x: np.ndarray, seen: set[bytes]) -> int:
+    """How many of the word-aligned WINDOW-byte runs of the whole input ``x`` occur in ``seen``."""
+    raw = x.tobytes()
+    return sum(raw[i : i + WINDOW] in seen for i in range(0, len(raw) - WINDOW + 1, x.itemsize))
+
+
 @pytest.mark.parametrize("graph", GRAPHS)
-def test_server_transcript_never_contains_an_unmasked_input(graph):
-    params = SecAggParams(num_clients=N, threshold=5, neighbours=GRAPHS[graph], consistency_check=True)
+def test_server_transcript_never_contains_any_part_of_an_unmasked_input(graph):
+    params = SecAggParams(num_clients=N, threshold=CC_THRESHOLD, neighbours=CC_GRAPHS[graph], consistency_check=True)
     inputs = ring_inputs(params, seed=6)
     dropout = DropoutModel(schedule={MASKED_INPUT: [101], UNMASKING: [102]}, late=frozenset({103}))
     result = run_round(inputs, params, dropout, record_transcript=True)
     assert_exact(result, inputs, params)
-    blobs = [chunk for entry in result.transcript for chunk in _payloads(entry.message)]
+    seen: set[bytes] = set()
+    for entry in result.transcript:
+        for blob in _payloads(entry.message):
+            seen |= _windows(blob)
     assert {entry.direction for entry in result.transcript} == {"recv", "send"}
-    for x in inputs.values():
-        secret = x.tobytes()
-        assert not any(secret[:64] in blob for blob in blobs)
+    assert [_leaked_runs(x, seen) for x in inputs.values()] == [0] * N
+    # The check itself finds a leak: one input sent in the clear, or only its last quarter.
+    x = inputs[104]
+    assert _leaked_runs(x, _windows(x.tobytes())) == len(x) - WINDOW // x.itemsize + 1
+    assert _leaked_runs(x, seen | _windows(x[-len(x) // 4 :].tobytes())) > 0
 
 
 def test_messages_pickle_and_report_their_wire_size():
@@ -277,7 +304,7 @@ def test_derived_degree_and_threshold_are_close_to_googles_production_values():
 
 
 def test_client_aborts_unmasking_without_t_valid_signatures_on_the_survivor_set():
-    params = SecAggParams(num_clients=8, threshold=4, consistency_check=True)
+    params = SecAggParams(num_clients=8, threshold=5, consistency_check=True)
     server, group, to_sign = _round_until_unmask(params, ring_inputs(params, n=8), dropped={106})
     signatures = group.consistency_check(to_sign).messages
     requests = server.consistency_check(list(signatures.values()))
@@ -287,6 +314,70 @@ def test_client_aborts_unmasking_without_t_valid_signatures_on_the_survivor_set(
         with pytest.raises(SecAggAborted, match="signatures"):
             group.clients[100].unmask(UnmaskRequest(honest.survivors, honest.dropped, bad))
     assert 106 in dict(group.clients[100].unmask(honest).mask_key_shares)
+
+
+def _split_view_attack(params: SecAggParams, inputs: dict[int, np.ndarray], victim: int, told_dropped: list[int]):
+    """A malicious server that runs the protocol honestly up to MaskedInputCollection, then shows
+    ``told_dropped`` a survivor set without ``victim`` and every other client one with it. If both halves
+    accept, the first reveals the victim's mask-key shares and the second its self-mask shares: the server
+    rebuilds s_v^SK and b_v and strips the victim's masked input down to its private input. Returns that
+    input, or None when the clients' checks leave the server short of t shares of either secret."""
+    honest = dataclasses.replace(params, threshold=max(params.threshold, len(inputs) // 2 + 1))
+    server = SecAggServer(honest, session_id=b"s", round_index=0, graph_seed=0)
+    server.params = params  # a malicious server runs whatever parameters it likes
+    group = ClientGroup(list(inputs), params, b"s", 0, inputs)
+    directories = server.advertise_keys(list(group.advertise_keys(list(inputs)).messages.values()))
+    relayed = server.share_keys(list(group.share_keys(directories).messages.values()))
+    masked = group.masked_input(relayed).messages
+    everyone = tuple(sorted(inputs))
+    without = tuple(u for u in everyone if u != victim)
+    views = {u: without if u in told_dropped else everyone for u in everyone}
+    signed = group.consistency_check({u: SurvivorList(views[u]) for u in everyone}).messages
+    requests = {}
+    for u, view in views.items():
+        signatures = tuple((v, m.signature) for v, m in sorted(signed.items()) if views[v] == view)
+        requests[u] = UnmaskRequest(survivors=view, dropped=() if victim in view else (victim,), signatures=signatures)
+    responses = group.unmask(requests).messages
+    key_shares = {u: dict(r.mask_key_shares)[victim] for u, r in responses.items() if victim in dict(r.mask_key_shares)}
+    seed_shares = {u: dict(r.self_seed_shares)[victim] for u, r in responses.items() if victim in dict(r.self_seed_shares)}
+    if min(len(key_shares), len(seed_shares)) < params.threshold:
+        return None
+
+    def rebuild(shares: dict[int, bytes]) -> bytes:
+        holders = sorted(shares)[: params.threshold]
+        ys = np.stack([shamir.share_from_bytes(shares[h]) for h in holders])
+        return shamir.decode_secret(shamir.interpolate_at_zero(np.asarray(holders, dtype=np.uint64) + 1, ys), crypto.KEY_BYTES)
+
+    mask_key = crypto.agreement_key_from_bytes(rebuild(key_shares))
+    self_seed = rebuild(seed_shares)[: crypto.KEY_BYTES]
+    context = crypto.session_context(b"s", 0)
+    pairs = [(victim, u, crypto.mask_seed(mask_key, server.keys[u].mask_public, context)) for u in without]
+    return masking.strip_masks(masked[victim].masked.copy(), [self_seed], pairs, modulus_bits=params.modulus_bits,
+                               expander=crypto.MaskExpander(M, params.dtype))
+
+
+def test_split_views_unmask_a_client_unless_the_threshold_exceeds_half_the_clients():
+    n, victim = 9, 100
+    weak = SecAggParams(num_clients=n, threshold=4, consistency_check=True)  # t ≤ n/2: refused by validation
+    with pytest.raises(ScenarioError, match=r"secure_aggregation\.threshold: with consistency_check .* use threshold ≥ 5"):
+        weak.validate()
+    inputs = ring_inputs(weak, n=n, seed=11)
+    others = [u for u in sorted(inputs) if u != victim]
+    recovered = _split_view_attack(weak, inputs, victim, told_dropped=others[:4])
+    assert recovered is not None and np.array_equal(recovered, inputs[victim])  # the attack is real
+    strong = SecAggParams(num_clients=n, threshold=5, consistency_check=True).validate()
+    for split in range(1, len(others)):  # no split gathers t signatures on both views
+        assert _split_view_attack(strong, inputs, victim, told_dropped=others[:split]) is None
+
+
+def test_consistency_check_scenarios_need_a_threshold_above_half_the_cohort(tiny_scenario):
+    checked = ["secure_aggregation.consistency_check=true", "secure_aggregation.corrupt_fraction=0"]
+    with pytest.raises(ScenarioError, match=r"secure_aggregation\.threshold: .*use threshold ≥ 11"):
+        parse_scenario(apply_overrides(tiny_scenario, [*checked, "secure_aggregation.threshold=10"]))
+    parse_scenario(apply_overrides(tiny_scenario, [*checked, "secure_aggregation.threshold=11"]))
+    derived = round_params(parse_scenario(apply_overrides(tiny_scenario, [*checked, "secure_aggregation.threshold=null"]))
+                           .secure_aggregation, 20)
+    assert derived.threshold >= 11
 
 
 def test_round_outcome_is_deterministic_for_a_seed_although_keys_are_fresh():

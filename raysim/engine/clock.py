@@ -14,12 +14,11 @@ client. The async engine (FedAsync, FedBuff) orders completions with ``VirtualCl
 from __future__ import annotations
 
 import heapq
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from raysim.config import Scenario
+from raysim.config import Scenario, oversample_count
 from raysim.engine.sampling import sample_clients
 from raysim.engine.system_model import ClientSystem
 from raysim.errors import ScenarioError
@@ -70,13 +69,6 @@ class VirtualClock:
 
     def __len__(self) -> int:
         return len(self._heap)
-
-
-def oversample_count(keep: int, over_selection: float, population: int) -> int:
-    """How many clients to sample so that ``keep`` finish: ⌈keep·over_selection⌉, at most the population."""
-    if not (math.isfinite(over_selection) and over_selection >= 1.0):
-        raise ScenarioError(f"system.over_selection: must be >= 1 (got {over_selection}); FedScale uses 1.3")
-    return min(population, math.ceil(keep * over_selection - 1e-9))  # 10 × 1.3 is 13.000000000000002
 
 
 def select_finishers(

@@ -99,11 +99,17 @@ def lost_position(err: BaseException, workers: Sequence[ray.actor.ActorHandle]) 
 
 
 def create_workers(scenario: Scenario, num_workers: int, data_refs: Sequence[ray.ObjectRef], feature_shape: tuple[int, ...],
-                   num_classes: int, worker_class: type = ClientWorker) -> list[ray.actor.ActorHandle]:
-    """Start ``num_workers`` worker actors with the scenario's CPU and GPU shares, restarted when they die."""
+                   num_classes: int, worker_class: type = ClientWorker,
+                   client_key: bytes | None = None) -> list[ray.actor.ActorHandle]:
+    """Start ``num_workers`` worker actors with the scenario's CPU and GPU shares, restarted when they die.
+
+    ``client_key`` is the simulated clients' storage key (``privacy.secagg.sealed_state``): the workers
+    get it, the server actor never does.
+    """
     executor = scenario.executor
     actor = ray.remote(num_cpus=executor.num_cpus, num_gpus=executor.num_gpus, max_restarts=-1)(worker_class)
-    return [actor.remote(scenario, *data_refs, feature_shape, num_classes, position=k) for k in range(num_workers)]
+    return [actor.remote(scenario, *data_refs, feature_shape, num_classes, position=k, client_key=client_key)
+            for k in range(num_workers)]
 
 
 def map_chunks(

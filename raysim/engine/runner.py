@@ -9,6 +9,7 @@ the newest checkpoint and drops any metrics line logged after it, so nothing is 
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import sys
@@ -30,12 +31,14 @@ from raysim.data.partition import summarize
 from raysim.engine import checkpoint
 from raysim.engine.cluster import connect, plan_workers
 from raysim.engine.pool import create_workers
+from raysim.engine.secure import quantization_error
 from raysim.engine.async_server import AsyncServer
 from raysim.engine.async_worker import AsyncClientWorker
 from raysim.engine.server import RoundServer
 from raysim.engine.worker import ClientWorker
 from raysim.engine.system_model import client_system
 from raysim.errors import ScenarioError
+from raysim.privacy.secagg.sealed_state import new_storage_key
 from raysim.tracking import RunFolder, Tracker
 
 
@@ -126,7 +129,8 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
         extra = {} if scenario.privacy is None else {"dp_total_weight": dp_total_weight(scenario, part.sizes())}
         del dataset, part  # the object store holds the only copy from here on
         worker_class = AsyncClientWorker if scenario.asynchronous else ClientWorker
-        workers = create_workers(scenario, num_workers, data_refs, feature_shape, num_classes, worker_class)
+        workers = create_workers(scenario, num_workers, data_refs, feature_shape, num_classes, worker_class,
+                                 client_key=_client_storage_key(scenario, folder.path))
         server_class = AsyncServer if scenario.asynchronous else RoundServer  # async: a round is a server step
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         server = ray.remote(num_cpus=0, scheduling_strategy=here)(server_class).remote(  # it writes the run folder
@@ -142,11 +146,16 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
         round_seconds: list[float] = []
         rounds_started = time.perf_counter()
         every = scenario.checkpoint.every
+        diagnostics = scenario.secure_aggregation is not None and scenario.secure_aggregation.diagnostics
         with _deferred_signals() as caught:
             try:
                 for round_index in range(first, scenario.rounds):
                     tick = time.perf_counter()
                     metrics = ray.get(server.run_round.remote(round_index))
+                    if diagnostics:  # the plain sums go to this process, never to the server actor
+                        release = ray.get(server.secure_release.remote())
+                        if release is not None:
+                            metrics["secagg_quantization_error"] = quantization_error(workers, release)
                     if "stopped" in metrics:
                         print(f"raysim: stopping after round {round_index}: {metrics['stopped']}", file=sys.stderr)
                         break
@@ -190,6 +199,33 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
             ray.kill(actor)
         if owns_ray:
             ray.shutdown()
+
+
+CLIENT_KEY_FILE = "client_storage.key"
+
+
+def _client_storage_key(scenario: Scenario, run_dir: Path) -> bytes | None:
+    """The simulated clients' storage key, for secure runs whose clients keep state between rounds.
+
+    It seals SCAFFOLD's c_i and error-feedback residuals, which the server keeps (sealed_state.py). It is
+    the simulated devices' storage, not a credential, and lives in the run folder (mode 0600) so that a
+    resumed run's clients can read their state; only the workers receive it, never the server actor.
+    """
+    stateful = scenario.strategy.name == "scaffold" or (scenario.compression is not None and scenario.compression.error_feedback)
+    if scenario.secure_aggregation is None or not stateful:
+        return None
+    path = run_dir / CLIENT_KEY_FILE
+    if path.exists():
+        return path.read_bytes()
+    key = new_storage_key()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return key
 
 
 def dp_total_weight(scenario: Scenario, sizes: np.ndarray) -> float:

@@ -62,7 +62,7 @@ class SecureSum:
     """A secure round's released sums (None when it aborted), the survivors, and its metrics."""
 
     weighted_sum: np.ndarray | None
-    weight: float
+    weight: float | None  # None under DP, whose ring vectors carry no weight word (the denominator is fixed)
     control_sum: np.ndarray | None
     survivors: tuple[int, ...]
     metrics: dict[str, float]
@@ -72,25 +72,55 @@ def secure_sum(
     workers: Sequence[ray.actor.ActorHandle], owner: Mapping[int, int], secure: SecureRound,
     dim: int, seed: int, round_index: int,
 ) -> SecureSum:
-    """Run the protocol over the clients in ``owner`` and decode Σ w·Δ, Σ w (and Σ Δc)."""
+    """Run the protocol over the clients in ``owner`` and decode Σ w·Δ, Σ w (and Σ Δc).
+
+    The server actor that calls this receives the protocol's messages and the unmasked sum, nothing
+    else: no plaintext update or partial sum, not even for a metric (see ``quantization_error``).
+    """
     draws = np.random.default_rng([seed, round_index, 11]).integers(2**63, size=2)
     result = drive_round(
         RemoteParticipants(workers, owner), list(owner), secure.params, dropout_model(secure.config),
         int(draws[0]), session_id=secure.session_id, round_index=round_index, graph_seed=int(draws[1]),
     )
+    ray.get([worker.end_secure_round.remote(secure.session_id) for worker in workers])
     metrics = result.metrics()
-    survivors = result.survivors if result.aggregate is not None else ()
-    by_worker: dict[int, list[int]] = defaultdict(list)
-    for u in survivors:
-        by_worker[owner[u]].append(u)
-    plain_parts = ray.get([workers[w].secure_plain_sum.remote(by_worker.get(w, []), dim) for w in range(len(workers))])
     if result.aggregate is None:
         return SecureSum(None, 0.0, None, (), metrics)
-    weighted, weight, control = decode_sum(result.aggregate, len(survivors), dim, secure.weight_bound,
+    weighted, weight, control = decode_sum(result.aggregate, len(result.survivors), dim, secure.weight_bound,
                                            secure.config, secure.params)
-    plain = np.zeros(dim, dtype=np.float64)
-    for part in plain_parts:
-        plain += part
+    return SecureSum(weighted, weight, control, result.survivors, metrics)
+
+
+@dataclass(frozen=True)
+class SecureRelease:
+    """What a secure round released (Σ w·Δ over the survivors) and which worker trained each survivor:
+    all that ``quantization_error`` needs, and nothing the server actor did not already hold."""
+
+    weighted_sum: np.ndarray
+    survivors_by_worker: dict[int, list[int]]
+
+
+def release_of(result: SecureSum, owner: Mapping[int, int]) -> SecureRelease | None:
+    """The diagnostic view of a finished secure round; None when it aborted."""
+    if result.weighted_sum is None:
+        return None
+    by_worker: dict[int, list[int]] = defaultdict(list)
+    for u in result.survivors:
+        by_worker[owner[u]].append(u)
+    return SecureRelease(result.weighted_sum, dict(by_worker))
+
+
+def quantization_error(workers: Sequence[ray.actor.ActorHandle], release: SecureRelease) -> float | None:
+    """‖secure − plain‖/‖plain‖ for one round, computed by the driver (``secure_aggregation.diagnostics``).
+
+    The workers send their plaintext partial sums Σ w·Δ to the caller, the driver process, which the
+    protocol does not cover: the server actor never sees them. None when a worker lost its clients'
+    plain updates (it was restarted) after the round.
+    """
+    dim = release.weighted_sum.size
+    parts = ray.get([workers[w].secure_plain_sum.remote(ids, dim) for w, ids in sorted(release.survivors_by_worker.items())])
+    if any(part is None for part in parts):
+        return None
+    plain = np.sum(parts, axis=0, dtype=np.float64) if parts else np.zeros(dim)
     norm = float(np.linalg.norm(plain))
-    metrics["secagg_quantization_error"] = float(np.linalg.norm(weighted - plain) / norm) if norm > 0 else 0.0
-    return SecureSum(weighted, weight, control, survivors, metrics)
+    return float(np.linalg.norm(release.weighted_sum - plain) / norm) if norm > 0 else 0.0

@@ -24,7 +24,7 @@ from raysim.config import Scenario
 from raysim.engine import checkpoint
 from raysim.engine.clock import SyncClock
 from raysim.engine.pool import WORKER_LOST, WorkerFailures, lost_position, map_chunks
-from raysim.engine.secure import secure_sum
+from raysim.engine.secure import SecureRelease, release_of, secure_sum
 from raysim.engine.worker import ClientBatch, RoundPlan, throughput_metrics
 from raysim.engine.sampling import sample_clients, uniform_subset
 from raysim.engine.system_model import ClientSystem
@@ -32,6 +32,8 @@ from raysim.errors import ScenarioError
 from raysim.models.flat import FlatParams
 from raysim.models.task import task_for
 from raysim.models.zoo import build_model
+from raysim.privacy.secagg.sealed_state import sealed_width
+from raysim.privacy.dp.distributed import per_client_variance, quantized_sensitivity, target_variance
 from raysim.privacy.secagg.setup import SecureRound, quantization_scale, round_params
 from raysim.strategies import Aggregate, make_strategy
 from raysim.strategies.robust import robust_aggregate
@@ -79,28 +81,34 @@ class RoundServer:
         self.weight_bound = max_client_weight if scenario.strategy.client_weighting == "samples" else 1.0
         self.model, self.flat = initial_model(scenario, feature_shape, num_classes)  # built once, kept for evaluation
         self.global_vec = self.flat.numpy()
+        # Under secure aggregation clients' state rows are kept sealed, two header words wider.
+        state_width = self.global_vec.size if scenario.secure_aggregation is None else sealed_width(self.global_vec.size)
         self.strategy = make_strategy(scenario.strategy, num_clients=scenario.num_clients,
-                                      dim=self.global_vec.size, state_dir=state_dir)
+                                      dim=self.global_vec.size, state_width=state_width, state_dir=state_dir)
         self.x_test, self.y_test = torch.from_numpy(np.array(x_test)), torch.from_numpy(np.array(y_test))
         self.clock = None if system is None else SyncClock(system, scenario, model_bytes=4 * self.global_vec.size)
         privacy = scenario.privacy
         self.central_dp = self.local_dp = None
         if privacy is not None:  # Opacus's accountants load only in runs that use them
+            from raysim.privacy.dp.sampling import denominator_rate
             from raysim.privacy.dp.server import CentralDP, LocalDPLedger
 
+            # The accountant gets the worst-case participation rate, qW the expected kept fraction.
+            kept_rate = denominator_rate(scenario)
             self.central_dp = None if privacy.mechanism == "local" else CentralDP(
                 privacy, sample_rate=scenario.sample_rate, rounds=scenario.rounds, total_weight=dp_total_weight,
-                expected_cohort=scenario.sample_rate * scenario.num_clients)
+                expected_cohort=kept_rate * scenario.num_clients, denominator_rate=kept_rate)
             self.local_dp = LocalDPLedger(privacy) if privacy.mechanism == "local" else None
         if self.central_dp is not None:
             self.weight_bound = 1.0  # DP-FedAvg weights are min(n/cap, 1) ≤ 1
         self.run_dir = None if state_dir is None else Path(state_dir).parent
+        self.release: SecureRelease | None = None  # secure_aggregation.diagnostics only
         self.failures = WorkerFailures(scenario.executor.max_worker_failures)
         compression = scenario.compression
         self.residuals = None
         if compression is not None and compression.error_feedback:
             backend = scenario.strategy.state_store
-            self.residuals = make_state_store(backend, self.global_vec.size,
+            self.residuals = make_state_store(backend, state_width,
                                               None if backend == "memory" else Path(state_dir) / "residuals")
         self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "worker_failures_total": 0,
                        "client_errors_total": 0, "rejected_total": 0}
@@ -176,6 +184,8 @@ class RoundServer:
         failures_before = self.failures.count
         if len(sampled):
             metrics.update(self._train_round(sampled, epochs, round_index))
+        elif self.central_dp is not None:  # an empty cohort still runs the DP mechanism
+            metrics.update(self._dp_step(None, 0, 0, round_index))
         metrics["worker_failures"] = self.failures.count - failures_before
         self.totals["worker_failures_total"] = self.failures.count
         metrics.update(self.totals)
@@ -235,18 +245,30 @@ class RoundServer:
             return RoundPlan(secure=secure, **common)
         noise_variance = 0.0
         if privacy.mechanism == "distributed":
-            # Any t survivors must carry variance (z·S·scale)² in ring units (sensitivity S·scale).
-            sensitivity = dp.clip_norm * quantization_scale(secure.params)
-            noise_variance = (dp.update_noise_multiplier * sensitivity) ** 2 / secure.params.threshold
+            # Any t survivors must carry variance (z·Δ₂)² in ring units, Δ₂ the conditional rounding's bound.
+            noise_variance = per_client_variance(
+                target_variance(dp.update_noise_multiplier, self._ring_sensitivity(secure)), secure.params.threshold)
         return RoundPlan(secure=secure, clip_norm=dp.clip_norm, weight_cap=privacy.weight_cap,
                          noise_variance=noise_variance, noise_kind=privacy.noise, **common)
 
+    def secure_release(self) -> SecureRelease | None:
+        """The last secure round's released sum and survivors, for the driver's diagnostics (then forgotten)."""
+        release, self.release = self.release, None
+        return release
+
+    def _ring_sensitivity(self, secure: SecureRound) -> float:
+        """Δ₂ in ring units: the bound that each DP client's conditionally rounded vector keeps."""
+        return quantized_sensitivity(self.central_dp.clip_norm, quantization_scale(secure.params), self.global_vec.size)
+
     def privacy_report(self) -> dict[str, Any] | None:
         """The ``privacy`` block of summary.json."""
+        from raysim.privacy.dp.sampling import sampling_assumption
+
         if self.central_dp is not None:
-            return self.central_dp.report(self.scenario.privacy.mechanism, self.scenario.rounds, self.scenario.sampling.kind)
+            return self.central_dp.report(self.scenario.privacy.mechanism, self.scenario.rounds,
+                                          self.scenario.sampling.kind, sampling_assumption(self.scenario))
         if self.local_dp is not None:
-            return self.local_dp.report(self.scenario.rounds)
+            return self.local_dp.report(self.scenario.rounds, sampling_assumption(self.scenario))
         return None
 
     def _reduce_and_step(self, chunks: list, round_index: int, plan: RoundPlan, placement: dict[int, int]) -> dict[str, Any]:
@@ -264,6 +286,8 @@ class RoundServer:
                 self.global_vec.size, self.scenario.compression.fraction, plan.mask_seed)
             result = secure_sum(self.workers, owner, secure, self.global_vec.size if mask is None else mask.size,
                                 self.scenario.seed, round_index)
+            if secure.config.diagnostics:
+                self.release = release_of(result, owner)
         out: dict[str, Any] = {"rejected": rejected, "kept": kept, "client_errors": failed,
                                "compute_seconds": float(sum(c.seconds for c in chunks)),
                                **throughput_metrics(chunks, self.global_vec.size)}
@@ -287,6 +311,7 @@ class RoundServer:
             residuals = np.concatenate([c.residuals for c in chunks])
             self.residuals.put(ids[kept_mask], residuals[kept_mask])
         rows = np.concatenate([c.state_deltas for c in chunks]) if chunks[0].state_deltas is not None else None
+        sealed = np.concatenate([c.sealed_states for c in chunks]) if chunks[0].sealed_states is not None else None
         robust = None
         if secure is None:
             total, weight = np.zeros(self.global_vec.size, dtype=np.float64), 0.0
@@ -315,30 +340,57 @@ class RoundServer:
                 self.local_dp.record(chunk.client_ids, chunk.dp_states, chunk.epsilons)
         if kept:
             out["loss"] = float((weights * losses).sum() / weights.sum())
-        if total is not None and weight > 0:
+        if self.central_dp is not None:  # the fixed denominator: the mechanism runs whatever reached the sum
+            unclipped = sum(c.unclipped for c in chunks)
+            out["dp_unclipped_fraction"] = unclipped / max(kept, 1)
+            out.update(self._dp_step(total, unclipped, int(included.sum()), round_index, secure))
+        elif total is not None and weight > 0:
             extras: dict[str, Any] = {}
             if rows is not None:
                 extras = {"client_ids": ids[included], "state_deltas": rows[included], "state_delta_sum": control_sum}
+            elif sealed is not None:
+                extras = {"client_ids": ids[included], "sealed_states": sealed[included], "state_delta_sum": control_sum}
             mean_delta = (total / weight).astype(np.float32) if robust is None else robust.astype(np.float32)
-            if self.central_dp is not None:
-                unclipped = sum(c.unclipped for c in chunks)
-                out["dp_unclipped_fraction"] = unclipped / max(kept, 1)
-                mean_delta = self.central_dp.aggregate(
-                    total, unclipped=unclipped, rng=np.random.default_rng([self.scenario.seed, round_index, 13]),
-                    server_noise=self.scenario.privacy.mechanism == "central")
-                if self.scenario.privacy.mechanism == "distributed":
-                    from raysim.privacy.dp.server import effective_distributed_z
+            self._step_model(Aggregate(mean_delta=mean_delta, total_weight=weight,
+                                       num_clients=int(included.sum()), extras=extras), round_index)
+        return out
 
-                    out["dp_effective_noise_multiplier"] = effective_distributed_z(
-                        self.central_dp.update_noise_multiplier, int(included.sum()), secure.params.threshold)
-            aggregate = Aggregate(mean_delta=mean_delta, total_weight=weight,
-                                  num_clients=int(included.sum()), extras=extras)
-            self.global_vec = self.strategy.apply(self.global_vec, aggregate)
-            if not np.isfinite(self.global_vec).all():
-                raise ScenarioError(
-                    f"training.lr: the global model became NaN/Inf in round {round_index + 1}; "
-                    "lower training.lr or strategy.server_lr"
-                )
+    def _step_model(self, aggregate: Aggregate, round_index: int) -> None:
+        self.global_vec = self.strategy.apply(self.global_vec, aggregate)
+        if not np.isfinite(self.global_vec).all():
+            raise ScenarioError(
+                f"training.lr: the global model became NaN/Inf in round {round_index + 1}; "
+                "lower training.lr or strategy.server_lr"
+            )
+
+    def _dp_step(self, total: np.ndarray | None, unclipped: int, contributors: int, round_index: int,
+                 secure: SecureRound | None = None) -> dict[str, Any]:
+        """Run the round's DP mechanism on ``total``, the clipped weighted sum of ``contributors`` updates.
+
+        ``total`` None (no client sampled, or secure aggregation aborted) or no contributor is an empty round
+        (``raysim.privacy.dp.server``): the central server still releases noise on the zero sum and steps
+        the model; under distributed DP, whose noise comes from the clients, a round that released nothing
+        keeps the model and only steps the accountant.
+        """
+        dp, distributed = self.central_dp, self.scenario.privacy.mechanism == "distributed"
+        empty = total is None or contributors == 0
+        out: dict[str, Any] = {"dp_empty_round": int(empty)}
+        if total is None and distributed:
+            dp.account(empty=True)
+            return out
+        if distributed:
+            from raysim.privacy.dp.server import effective_distributed_z
+
+            out["dp_effective_noise_multiplier"] = effective_distributed_z(
+                dp.update_noise_multiplier, contributors, secure.params.threshold)
+            out["dp_l2_sensitivity"] = self._ring_sensitivity(secure)
+        if total is None:
+            total = np.zeros(self.global_vec.size, dtype=np.float64)
+        mean_delta = dp.aggregate(total, unclipped=unclipped, empty=empty,
+                                  rng=np.random.default_rng([self.scenario.seed, round_index, 13]),
+                                  server_noise=not distributed)
+        self._step_model(Aggregate(mean_delta=mean_delta, total_weight=dp.expected_weight, num_clients=contributors),
+                         round_index)
         return out
 
     def _traffic(self, chunks: list, kept_mask: np.ndarray, trained: int) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from raysim.models.flat import FlatParams
 from raysim.models.task import task_for
 from raysim.privacy.dp.clipping import clip_to_norm
 from raysim.privacy.secagg import ClientGroup, PhaseOutput
+from raysim.privacy.secagg.sealed_state import RowSealer
 from raysim.privacy.secagg.setup import SecureRound, encode_update
 from raysim.models.zoo import build_model
 
@@ -86,7 +87,8 @@ class ChunkResult:
     malicious: int = 0  # malicious clients among the chunk's
     bytes_up: np.ndarray | None = None  # per client: the encoded update's bytes (0 where not sent)
     rows: np.ndarray | None = None  # plan.per_client: each client's update (zero rows where weight is 0)
-    residuals: np.ndarray | None = None  # error feedback: each client's new residual
+    residuals: np.ndarray | None = None  # error feedback: each client's new residual (sealed under secure aggregation)
+    sealed_states: np.ndarray | None = None  # SCAFFOLD under secure aggregation: each client's new c_i, sealed
 
 
 def throughput_metrics(chunks: list[ChunkResult], num_parameters: int) -> dict[str, float]:
@@ -136,8 +138,10 @@ class ClientWorker:
         feature_shape: tuple[int, ...],
         num_classes: int,
         position: int = 0,
+        client_key: bytes | None = None,
     ) -> None:
         self.scenario = scenario
+        self.sealer = None if client_key is None else RowSealer(client_key)  # secure rounds' client state
         self.chaos = WorkerChaos(scenario.faults, position)
         self.adversary = None if scenario.adversary is None else MaliciousClients(
             scenario.adversary, scenario.seed, scenario.num_clients, num_classes)
@@ -196,7 +200,12 @@ class ClientWorker:
         delta_sum = torch.zeros(self.flat.size, dtype=torch.float64, device=self.device)
         n = len(batch.client_ids)
         weights, losses, steps = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
-        state_deltas = None if batch.states is None else np.zeros_like(batch.states, dtype=np.float32)
+        # Under secure aggregation the server keeps each client's state rows sealed (sealed_state.py).
+        sealer = self.sealer if plan.secure is not None else None
+        if plan.secure is not None and sealer is None and (batch.states is not None or batch.residuals is not None):
+            raise RuntimeError("a secure round with per-client state needs the clients' storage key (client_key)")
+        states = batch.states if sealer is None or batch.states is None else sealer.open(batch.client_ids, batch.states)
+        state_deltas = None if states is None else np.zeros_like(states, dtype=np.float32)
         rejected: list[int] = []
         unclipped = 0
         epsilons = None if batch.dp_states is None else np.zeros(n)
@@ -208,7 +217,8 @@ class ClientWorker:
         bounded = malicious = 0
         bytes_up = np.zeros(n, dtype=np.int64)
         rows = np.zeros((n, self.flat.size), dtype=np.float32) if plan.per_client else None
-        residuals = None if batch.residuals is None else np.array(batch.residuals, dtype=np.float32)
+        residuals = None if batch.residuals is None else (
+            np.array(batch.residuals, dtype=np.float32) if sealer is None else sealer.open(batch.client_ids, batch.residuals))
         for k, cid in enumerate(batch.client_ids.tolist()):
             attacker = self.adversary is not None and self.adversary.contains(cid)
             malicious += int(attacker)
@@ -217,7 +227,7 @@ class ClientWorker:
                 continue
             fault = client_fault(faults, seed, round_index, cid)
             self.flat.load(global_t)
-            client_control = None if batch.states is None else torch.from_numpy(batch.states[k]).to(self.device)
+            client_control = None if states is None else torch.from_numpy(states[k]).to(self.device)
             hooks = ClientHooks(
                 prox_mu=strategy.mu, anchor=global_t,
                 correction=None if client_control is None else control - client_control,
@@ -282,6 +292,12 @@ class ClientWorker:
                 rows[k] = delta.cpu().numpy()
             else:
                 delta_sum.add_(delta.to(torch.float64), alpha=float(weights[k]))
+        sealed_states = None
+        if sealer is not None:  # the new c_i = c_i + Δc_i and residuals go back sealed; Δc_i only in the secure sum
+            if state_deltas is not None:
+                sealed_states, state_deltas = sealer.seal(batch.client_ids, round_index, states + state_deltas), None
+            if residuals is not None:
+                residuals = sealer.seal(batch.client_ids, round_index, residuals)
         return ChunkResult(
             index=index, delta_sum=delta_sum.cpu().numpy(), weight_sum=float(weights.sum()),
             client_ids=batch.client_ids, weights=weights, losses=losses, steps=steps,
@@ -289,6 +305,7 @@ class ClientWorker:
             unclipped=unclipped, dp_states=dp_states, epsilons=epsilons, tokens=tokens,
             rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, failed=failed, error=error,
             bounded=bounded, malicious=malicious, bytes_up=bytes_up, rows=rows, residuals=residuals,
+            sealed_states=sealed_states,
         )
 
     def _train_dp_sgd(self, x: torch.Tensor, y: torch.Tensor, epochs: int, state: dict | None,
@@ -315,24 +332,33 @@ class ClientWorker:
         if plan.mask_seed is not None:  # the shared random mask: only its k coordinates enter the protocol
             delta = delta[shared_mask_indices(delta.size, self.scenario.compression.fraction, plan.mask_seed)]
         ring = encode_update(delta, weight, secure.weight_bound, control_delta, secure.config, secure.params,
-                             client_rng(self.scenario.seed, round_index, cid, stream=9),
+                             client_rng(self.scenario.seed, round_index, cid, stream=9), dp_clip_norm=plan.clip_norm,
                              noise_variance=plan.noise_variance, noise_kind=plan.noise_kind)
         self.secure_group.add(cid, ring)
-        self.plain[cid] = (delta, weight)
+        if secure.config.diagnostics:  # kept for the driver's quantization-error metric only
+            self.plain[cid] = (delta, weight)
 
     def secure_phase(self, name: str, inbound: object) -> PhaseOutput:
         """One secure-aggregation phase for this worker's clients of the current round."""
         assert self.secure_group is not None, "secure_phase before any client joined the round"
         return self.secure_group.phase(name, inbound)
 
-    def secure_plain_sum(self, client_ids: list[int], dim: int) -> np.ndarray:
-        """Σ w·Δ in float64 over ``client_ids`` held here (a simulator diagnostic for the quantization
-        error, never part of the protocol); ends the round's secure state."""
+    def end_secure_round(self, session_id: bytes) -> None:
+        """Forget the clients' protocol state once their round is over (their secrets die with it)."""
+        if self.secure_group is not None and self.secure_group.session_id == session_id:
+            self.secure_group = None
+
+    def secure_plain_sum(self, client_ids: list[int], dim: int) -> np.ndarray | None:
+        """Σ w·Δ in float64 over ``client_ids`` held here, for ``secure_aggregation.diagnostics``: called by
+        the driver, never by the server actor, and never part of the protocol; None when this worker no
+        longer holds them (it was restarted). Forgets the plain updates."""
+        if not set(client_ids) <= self.plain.keys():
+            return None
         total = np.zeros(dim, dtype=np.float64)
         for cid in sorted(client_ids):
             delta, weight = self.plain[cid]
             total += weight * delta.astype(np.float64)
-        self.secure_group, self.plain = None, {}
+        self.plain = {}
         return total
 
     def evaluate(self, global_vec: np.ndarray, index: int, client_ids: np.ndarray) -> EvalResult:

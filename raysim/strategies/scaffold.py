@@ -3,7 +3,9 @@
 Server:  x ← x + η_g·mean(Δy)   and   c ← c + (1/N)·Σ_{i∈S} Δc_i,   N the population.
 c and every c_i start at zero. The clients' c_i live in a ClientStateStore owned by the server: each
 sampled client's c_i is shipped with its task, and its Δc_i comes back and is added to the store, so
-the state follows the client to whichever worker or node trains it. mean(Δy) is the engine's
+the state follows the client to whichever worker or node trains it. Under secure aggregation the server
+may not see Δc_i: the store holds each c_i sealed by its client (``privacy.secagg.sealed_state``), the
+client returns its new c_i sealed, and only Σ Δc_i reaches the server, inside the secure sum. mean(Δy) is the engine's
 aggregate (weighted by ``strategy.client_weighting``; ``uniform`` is the paper's plain mean), and
 Σ Δc_i is a plain vector sum, so both can be aggregated securely.
 """
@@ -19,11 +21,11 @@ from raysim.strategies.base import Aggregate, Strategy
 
 
 class Scaffold(Strategy):
-    def __init__(self, server_lr: float, num_clients: int, store: ClientStateStore) -> None:
+    def __init__(self, server_lr: float, num_clients: int, store: ClientStateStore, dim: int | None = None) -> None:
         super().__init__(server_lr)
         self.num_clients = num_clients
         self.store = store
-        self.control = np.zeros(store.dim, dtype=np.float32)
+        self.control = np.zeros(store.dim if dim is None else dim, dtype=np.float32)
 
     def server_state(self) -> np.ndarray:
         """The server control variate c, shipped to every client of the round."""
@@ -35,11 +37,14 @@ class Scaffold(Strategy):
 
     def apply(self, global_vec: np.ndarray, aggregate: Aggregate) -> np.ndarray:
         new_global = super().apply(global_vec, aggregate)
-        ids, deltas = aggregate.extras["client_ids"], aggregate.extras["state_deltas"]
+        ids = aggregate.extras["client_ids"]
         if len(ids):
             delta_sum = aggregate.extras["state_delta_sum"]  # Σ Δc_i: a plain or a secure sum
             self.control = (self.control + delta_sum / self.num_clients).astype(np.float32)
-            self.store.add(ids, deltas)
+            if "sealed_states" in aggregate.extras:  # c_i + Δc_i, sealed by each client
+                self.store.put(ids, aggregate.extras["sealed_states"])
+            else:
+                self.store.add(ids, aggregate.extras["state_deltas"])
         return new_global
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,9 +15,12 @@ at least the target variance, and more survivors only add noise. Two noise famil
   whose sum over clients is again Skellam with the summed variance.
 
 Accounting treats the summed noise as Gaussian noise of the same variance, with sensitivity
-in quantized units (``quantized_sensitivity``); ``effective_noise_multiplier`` reports the
-resulting z under the dropout assumption. Noise comes from a caller-seeded
-``numpy.random.Generator`` (a simulation device, not a secure source).
+in quantized units: ``quantized_sensitivity`` is the bound Δ₂ that *conditional randomized
+rounding* (Kairouz, Liu, Steinke, "The Distributed Discrete Gaussian Mechanism for Federated
+Learning with Secure Aggregation", ICML 2021) enforces on each client's rounded vector, so the
+rounding term counts in the sensitivity. ``effective_noise_multiplier`` reports the resulting z
+under the dropout assumption. Noise comes from a caller-seeded ``numpy.random.Generator`` (a
+simulation device, not a secure source).
 """
 
 from __future__ import annotations
@@ -43,14 +46,34 @@ def per_client_variance(target_variance: float, min_survivors: int) -> float:
     return target_variance / min_survivors
 
 
-def quantized_sensitivity(clip_norm: float, scale: float, dimension: int | None = None) -> float:
-    """L2 bound of one quantized update: scale·S, plus √d when rounding may move each of d coordinates by < 1."""
+DEFAULT_BETA = math.exp(-0.5)  # the β of Kairouz, Liu, Steinke's experiments and reference code
+
+
+def quantized_sensitivity(clip_norm: float, scale: float, dimension: int, beta: float = DEFAULT_BETA) -> float:
+    """Δ₂: the L2 bound that conditional randomized rounding enforces on one client's rounded vector.
+
+    With the update clipped to norm S and scaled to c = scale·S ring units in d coordinates,
+    Kairouz, Liu, Steinke (ICML 2021; Thm. 1 / Eq. 2 of arXiv:2102.06387 with the deterministic
+    bound of their Prop. 22, as their reference implementation labels them) give
+        Δ₂² = min{ c² + d/4 + √(2·ln(1/β))·(c + √d/2), (c + √d)² }:
+    unbiased rounding adds Σ p_i(1 − p_i) ≤ d/4 to the squared norm in expectation, with a
+    sub-Gaussian tail, so one draw lands within Δ₂ with probability ≥ 1 − β and the client redraws
+    until it does; the second term holds for every draw (no coordinate moves by 1 or more).
+    """
     if not (clip_norm > 0 and math.isfinite(clip_norm)):
         raise ScenarioError(f"privacy.clip_norm: must be finite and > 0 for distributed DP (got {clip_norm}); try 1.0")
     if not scale > 0:
-        raise ScenarioError(f"secagg.scale: the quantization scale must be > 0 (got {scale})")
-    bound = scale * clip_norm
-    return bound + math.sqrt(dimension) if dimension is not None else bound
+        raise ScenarioError(f"secure_aggregation.quant_bits: the quantization scale must be > 0 (got {scale})")
+    if not dimension >= 1:
+        raise ValueError(f"dimension must be >= 1 (got {dimension})")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1) (got {beta})")
+    c, d = scale * clip_norm, float(dimension)
+    always = (c + math.sqrt(d)) ** 2
+    if beta == 0.0:
+        return math.sqrt(always)
+    likely = c * c + d / 4.0 + math.sqrt(2.0 * math.log(1.0 / beta)) * (c + math.sqrt(d) / 2.0)
+    return math.sqrt(min(likely, always))
 
 
 def target_variance(noise_multiplier: float, sensitivity: float) -> float:

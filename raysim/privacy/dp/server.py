@@ -4,8 +4,18 @@
 clipped, weighted deltas is divided by the fixed denominator qW; in the central mechanism the server
 adds N(0, σ²) with σ = z·S/(qW), in the distributed one the noise already arrived inside the secure sum.
 Either way the accountant steps once per round with (z, q), adaptive clipping (Andrew et al. 2021)
-moves C, and a budget can stop or warn. ``LocalDPLedger`` keeps each client's DP-SGD accountant state,
-so clients sampled again continue their own accounting, and reports the max and mean ε over clients.
+moves C, and a budget can stop or warn. The accountant's q is the worst-case participation rate and
+the denominator's q the expected kept fraction (``raysim.privacy.dp.sampling`` says why).
+
+A round in which no update reaches the sum still runs the mechanism as Algorithm 1 of McMahan et al.
+defines it: the central server releases 0/(qW) + N(0, σ²), steps the strategy, the accountant and the
+adaptive clip (with a zero count). Under distributed DP the noise comes from the clients, so a round
+that released nothing (no client sampled, or secure aggregation aborted) leaves the model unchanged;
+its accountant is stepped all the same (conservatively: nothing data-dependent left the clients'
+protocol, but ε then stays the planned function of the rounds run), and the round is counted.
+
+``LocalDPLedger`` keeps each client's DP-SGD accountant state, so clients sampled again continue their
+own accounting, and reports the max and mean ε over clients.
 """
 
 from __future__ import annotations
@@ -20,12 +30,20 @@ from raysim.privacy.dp.accountant import BudgetCheck, PrivacyAccountant, check_b
 from raysim.privacy.dp.adaptive import AdaptiveClipping
 from raysim.privacy.dp.central import dp_fedavg_aggregate, noise_stddev
 
+EMPTY_ROUNDS = {
+    "central": "the server released 0/(qW) + N(0, σ²), stepped the model and the accountant",
+    "distributed": "nothing was released and the model kept; the accountant was stepped all the same (conservative)",
+}
+
 
 class CentralDP:
+    """DP-FedAvg's server state: the accountant (q = ``sample_rate``), qW (``denominator_rate``·W), the clip."""
+
     def __init__(self, config: PrivacyConfig, *, sample_rate: float, rounds: int, total_weight: float,
-                 expected_cohort: float) -> None:
+                 expected_cohort: float, denominator_rate: float | None = None) -> None:
         self.config, self.sample_rate = config, sample_rate
-        self.expected_weight = sample_rate * total_weight  # qW, the fixed denominator
+        self.denominator_rate = sample_rate if denominator_rate is None else denominator_rate
+        self.expected_weight = self.denominator_rate * total_weight  # qW, the fixed denominator
         self.expected_cohort = expected_cohort
         self.noise_multiplier = (
             noise_for_target_epsilon(config.target_epsilon, sample_rate, rounds, config.delta, config.accountant)
@@ -39,6 +57,7 @@ class CentralDP:
                 expected_cohort_size=expected_cohort, target_quantile=config.adaptive.target_quantile,
                 learning_rate=config.adaptive.learning_rate, count_stddev=config.adaptive.count_stddev)
         self.budget = config.budget_epsilon or config.target_epsilon
+        self.empty_rounds = 0
 
     @property
     def clip_norm(self) -> float:
@@ -60,16 +79,24 @@ class CentralDP:
         return check
 
     def aggregate(self, weighted_sum: np.ndarray, *, unclipped: int, rng: np.random.Generator,
-                  server_noise: bool) -> np.ndarray:
-        """The privatized mean delta for one round; steps the accountant and the adaptive clip."""
+                  server_noise: bool, empty: bool = False) -> np.ndarray:
+        """The privatized mean delta for one round; steps the accountant and the adaptive clip.
+
+        ``empty``: no update reached ``weighted_sum`` (it is zero), which the mechanism releases all the same.
+        """
         clip = self.clip_norm
         z = self.update_noise_multiplier if server_noise else 0.0
         mean = dp_fedavg_aggregate(weighted_sum, expected_total_weight=self.expected_weight, clip_norm=clip,
                                    noise_multiplier=z, rng=rng)
-        self.accountant.step(self.noise_multiplier, self.sample_rate)
+        self.account(empty=empty)
         if self.adaptive is not None:
             self.adaptive.step(unclipped_count=unclipped, cohort_size=self.expected_cohort, rng=rng)
         return mean.astype(np.float32)
+
+    def account(self, *, empty: bool) -> None:
+        """Step the accountant for one round with (z, q); ``empty`` counts a round that aggregated no update."""
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
+        self.empty_rounds += int(empty)
 
     def metrics(self) -> dict[str, float]:
         return {"epsilon": self.accountant.epsilon(), "dp_noise_multiplier": self.noise_multiplier,
@@ -77,16 +104,17 @@ class CentralDP:
                 "dp_noise_stddev": noise_stddev(clip_norm=self.clip_norm, noise_multiplier=self.update_noise_multiplier,
                                                 expected_total_weight=self.expected_weight)}
 
-    def report(self, mechanism: str, rounds: int, sampling: str) -> dict[str, Any]:
+    def report(self, mechanism: str, rounds: int, sampling: str, assumption: str) -> dict[str, Any]:
+        """The ``privacy`` block of summary.json; ``assumption`` is ``sampling.sampling_assumption``'s sentence."""
         return {
             "mechanism": {"central": "user-level DP-FedAvg (Gaussian, fixed denominator)",
                           "distributed": "distributed DP: client-side discrete noise under secure aggregation"}[mechanism],
             "clip_norm": self.clip_norm, "adaptive_clipping": self.adaptive is not None,
-            "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate, "rounds": rounds,
+            "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+            "denominator_rate": self.denominator_rate, "rounds": rounds,
             "accountant": self.config.accountant, "delta": self.config.delta,
-            "epsilon": self.accountant.epsilon(), "sampling": sampling,
-            "sampling_assumption": "Poisson" if sampling == "poisson" else
-            "the accountant assumes Poisson sampling; this run sampled a fixed number of clients",
+            "epsilon": self.accountant.epsilon(), "sampling": sampling, "sampling_assumption": assumption,
+            "empty_rounds": self.empty_rounds, "empty_round_accounting": EMPTY_ROUNDS[mechanism],
         }
 
 
@@ -113,14 +141,15 @@ class LocalDPLedger:
         return {"epsilon": float(values.max()), "epsilon_max": float(values.max()),
                 "epsilon_mean": float(values.mean()), "dp_clients_accounted": int(values.size)}
 
-    def report(self, rounds: int) -> dict[str, Any]:
+    def report(self, rounds: int, assumption: str) -> dict[str, Any]:
+        """The ``privacy`` block of summary.json; ``assumption`` is ``sampling.sampling_assumption``'s sentence."""
         metrics = self.metrics()
         return {"mechanism": "local DP-SGD (Opacus), sample-level, one accountant per client",
                 "clip_norm": self.config.clip_norm, "noise_multiplier": self.config.noise_multiplier,
                 "sample_rate": "per client: 1 / ceil(samples / batch_size)", "rounds": rounds,
                 "accountant": self.config.accountant, "delta": self.config.delta,
                 "epsilon": metrics.get("epsilon_max", 0.0), "epsilon_mean": metrics.get("epsilon_mean", 0.0),
-                "clients_accounted": metrics.get("dp_clients_accounted", 0)}
+                "clients_accounted": metrics.get("dp_clients_accounted", 0), "sampling_assumption": assumption}
 
 
 def effective_distributed_z(noise_multiplier: float, survivors: int, threshold: int) -> float:

@@ -32,6 +32,11 @@ def word_dtype(modulus_bits: int) -> np.dtype:
     return np.dtype(np.uint32) if modulus_bits <= 32 else np.dtype(np.uint64)
 
 
+def malicious_threshold(num_clients: int, corrupt_clients: int = 0) -> int:
+    """The smallest t with t > (n + n_C)/2: two disjoint views can never both gather t signatures."""
+    return (num_clients + corrupt_clients) // 2 + 1
+
+
 @dataclass(frozen=True)
 class SecAggParams:
     """One round's secure aggregation settings (the scenario's ``secure_aggregation:`` block).
@@ -45,7 +50,11 @@ class SecAggParams:
     - ``modulus_bits`` b: sums live in Z_(2^b), 1 ≤ b ≤ 64; 32 is the fast default.
     - ``quant_bits`` q: each coordinate is rounded to one of 2^q levels; n · 2^q < 2^b.
     - ``clip_range`` c: coordinates (and the weight) are clipped to [−c, c] before quantizing.
-    - ``consistency_check``: run the ConsistencyCheck round (Ed25519 signatures on U3).
+    - ``consistency_check``: run the ConsistencyCheck round (Ed25519 signatures on U3). It defends
+      against a malicious server only when t > (n + n_C)/2 (A2): otherwise the server can show two
+      disjoint halves different survivor sets, collect ≥ t signatures from each, and ask one half
+      for v's mask-key shares and the other for v's self-mask shares, which together unmask v.
+    - ``corrupt_clients`` n_C: clients assumed to collude with the server (they sign both views).
     """
 
     num_clients: int
@@ -55,6 +64,7 @@ class SecAggParams:
     quant_bits: int = 16
     clip_range: float = 1.0
     consistency_check: bool = False
+    corrupt_clients: int = 0
 
     @classmethod
     def derive(
@@ -70,6 +80,11 @@ class SecAggParams:
                 f"secure_aggregation.expected_dropout: cannot derive a threshold ({exc}); "
                 f"set threshold explicitly or assume less dropout"
             ) from exc
+        if settings.get("consistency_check"):  # the malicious-server bound comes first (A2)
+            threshold = max(threshold, malicious_threshold(num_clients, settings.get("corrupt_clients", 0)))
+            if degree is not None:
+                degree = max(degree, threshold - 1)
+                degree = None if degree >= num_clients - 1 else degree
         return cls(num_clients=num_clients, threshold=threshold, neighbours=degree, **settings).validate()
 
     @property
@@ -91,6 +106,12 @@ class SecAggParams:
             raise ScenarioError(
                 f"secure_aggregation.threshold: must be between 1 and num_clients={n} (got {t}); "
                 f"use e.g. {max(1, n // 2 + 1)}, or leave it unset to derive it from the expected dropout"
+            )
+        if self.consistency_check and 2 * t <= n + self.corrupt_clients:
+            raise ScenarioError(
+                f"secure_aggregation.threshold: with consistency_check (a malicious server) t must exceed "
+                f"(n + n_C)/2 = {(n + self.corrupt_clients) / 2:g} (got {t}), or the server can show two halves "
+                f"different survivor sets and unmask a client; use threshold ≥ {malicious_threshold(n, self.corrupt_clients)}"
             )
         if k is not None:
             if not 1 <= k <= n - 1:

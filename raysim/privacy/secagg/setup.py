@@ -3,6 +3,11 @@
 Also the client-side encoding of a training update into the ring: the update, scaled by the client's
 weight over a public bound on weights, then (for SCAFFOLD) its control delta, then the weight itself,
 so one secure sum yields Σ w·Δ, Σ Δc and Σ w together.
+
+Under differential privacy (DP-FedAvg's clipping, central or distributed) the ring vector is exactly
+the d words of w·Δ: the fixed denominator needs no weight word, and a weight word in the sum would
+release Σ w with no noise. Its rounding is the conditional randomized rounding of Kairouz, Liu and
+Steinke (ICML 2021), which bounds each client's rounded vector by Δ₂ (``quantized_sensitivity``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 from raysim.config import SecureAggregationConfig
 from raysim.privacy.secagg.dropout import DropoutModel
 from raysim.privacy.secagg.params import SecAggParams
-from raysim.privacy.dp.distributed import add_discrete_noise
+from raysim.privacy.dp.distributed import add_discrete_noise, quantized_sensitivity
 from raysim.privacy.secagg.quantize import dequantize, quantize
 
 
@@ -35,7 +40,8 @@ def round_params(config: SecureAggregationConfig, num_clients: int) -> SecAggPar
     sparse = config.neighbours is not None
     quant_bits = config.quant_bits or max(1, config.modulus_bits - 1 - max(num_clients, 1).bit_length())
     settings = dict(modulus_bits=config.modulus_bits, quant_bits=quant_bits, clip_range=config.clip_range,
-                    consistency_check=config.consistency_check)
+                    consistency_check=config.consistency_check,
+                    corrupt_clients=math.ceil(config.corrupt_fraction * num_clients) if config.consistency_check else 0)
     if config.threshold is None or config.neighbours == "auto":
         derived = SecAggParams.derive(num_clients, expected_dropout=config.expected_dropout,
                                       corrupt_fraction=config.corrupt_fraction, sparse=sparse, **settings)
@@ -62,19 +68,28 @@ def dropout_model(config: SecureAggregationConfig) -> DropoutModel:
 def encode_update(
     delta: np.ndarray, weight: float, weight_bound: float, control_delta: np.ndarray | None,
     config: SecureAggregationConfig, params: SecAggParams, rng: np.random.Generator,
-    *, noise_variance: float = 0.0, noise_kind: str = "discrete_gaussian",
+    *, dp_clip_norm: float | None = None, noise_variance: float = 0.0, noise_kind: str = "discrete_gaussian",
 ) -> np.ndarray:
     """The client's private ring vector: [w/W·Δ, (c/c_Δ)·Δc, w/W] quantized with stochastic rounding.
 
-    With distributed DP the client then adds its share of discrete noise (variance in ring units) to
-    every word but the weight, before masking.
+    Under DP (``dp_clip_norm`` S: w/W·Δ has norm ≤ S) the vector is [w/W·Δ] alone, d words, rounded
+    conditionally to the norm bound Δ₂ of ``quantized_sensitivity``; with distributed DP the client
+    then adds its share of discrete noise (``noise_variance``, ring units) to every word before masking.
     """
     scaled = (weight / weight_bound) * delta.astype(np.float64)
+    if dp_clip_norm is None:
+        if control_delta is not None:
+            scaled = np.concatenate([scaled, control_delta.astype(np.float64) * (config.clip_range / config.control_clip_range)])
+        return quantize(scaled, weight / weight_bound, params, rng)
     if control_delta is not None:
-        scaled = np.concatenate([scaled, control_delta.astype(np.float64) * (config.clip_range / config.control_clip_range)])
-    ring = quantize(scaled, weight / weight_bound, params, rng)
+        raise ValueError("DP's ring vector carries no control delta (SCAFFOLD with DP is refused by the scenario)")
+    norm = math.sqrt(float(np.dot(scaled, scaled)))
+    if norm > dp_clip_norm * (1 + 1e-9):
+        raise ValueError(f"a DP update must be clipped to {dp_clip_norm} before encoding (its weighted norm is {norm})")
+    bound = quantized_sensitivity(dp_clip_norm, quantization_scale(params), scaled.size)
+    ring = quantize(scaled, None, params, rng, norm_bound=bound)
     if noise_variance > 0:
-        ring[:-1] = add_discrete_noise(ring[:-1], noise_variance, noise_kind, rng, modulus=_noise_modulus(params))
+        ring = add_discrete_noise(ring, noise_variance, noise_kind, rng, modulus=_noise_modulus(params))
     return ring
 
 
@@ -90,12 +105,17 @@ def quantization_scale(params: SecAggParams) -> float:
 
 def decode_sum(
     total: np.ndarray, count: int, dim: int, weight_bound: float, config: SecureAggregationConfig, params: SecAggParams,
-) -> tuple[np.ndarray, float, np.ndarray | None]:
-    """(Σ w·Δ, Σ w, Σ Δc or None) from the unmasked ring sum of ``count`` encoded updates."""
-    values, weight = dequantize(_centered(total, count, params), count, params)
+) -> tuple[np.ndarray, float | None, np.ndarray | None]:
+    """(Σ w·Δ, Σ w, Σ Δc or None) from the unmasked ring sum of ``count`` encoded updates.
+
+    A sum of exactly ``dim`` words is DP's encoding, which has no weight word: Σ w is then None (DP
+    divides by its fixed denominator). DP never carries control deltas, so the length tells them apart.
+    """
+    weight_word = np.size(total) > dim
+    values, weight = dequantize(_centered(total, count, params), count, params, weight_word=weight_word)
     weighted = values[:dim] * weight_bound
     control = values[dim:] * (config.control_clip_range / config.clip_range) if values.size > dim else None
-    return weighted, weight * weight_bound, control
+    return weighted, None if weight is None else weight * weight_bound, control
 
 
 def _centered(total: np.ndarray, count: int, params: SecAggParams) -> np.ndarray:
