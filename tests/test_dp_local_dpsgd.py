@@ -136,3 +136,92 @@ def test_lora_adapters_move_and_the_frozen_base_stays_put():
     assert all(not torch.equal(after[n], before) for n, before in trainable.items())
     assert all(torch.equal(after[n], before) for n, before in frozen.items())
     assert _hook_count(model) == 0
+
+
+class _Recorder(torch.nn.Module):
+    """``inner``, noting every batch it is fed (the Poisson batches DP-SGD drew)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.batches = inner, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.detach().clone())
+        return self.inner(x)
+
+
+@pytest.mark.parametrize(("n", "batch_size", "epochs"), [(24, 32, 3), (40, 8, 1)])  # q = 1 (full batches), q = 1/5
+def test_without_noise_and_with_a_huge_clip_dp_sgd_is_plain_sgd_on_the_same_batches(n, batch_size, epochs):
+    x, y = _data(n=n)
+    model = _Recorder(_mlp())
+    labels: list[torch.Tensor] = []
+
+    def loss_fn(output, target):
+        labels.append(target.clone())
+        return torch.nn.functional.cross_entropy(output, target)
+
+    plain = _mlp()
+    settings = {**SETTINGS, "batch_size": batch_size, "epochs": epochs, "noise_multiplier": 0.0, "max_grad_norm": 1e12}
+    result = train_dp_sgd(model, x, y, accountant_state=None, seed=12, loss_fn=loss_fn, **settings)
+    assert result.steps == epochs * math.ceil(n / batch_size) == len(model.batches)
+    # Opacus averages the summed per-sample gradients over the expected batch size n·q, not the drawn one.
+    expected_batch = int(n * result.sample_rate)
+    assert expected_batch == min(n, batch_size)
+    if batch_size >= n:
+        assert all(len(xb) == n for xb in model.batches)  # q = 1: every step sees every sample
+    else:
+        assert len({len(xb) for xb in model.batches}) > 1  # Poisson batches of varying size
+    sgd = torch.optim.SGD(plain.parameters(), lr=SETTINGS["lr"])
+    for xb, yb in zip(model.batches, labels):
+        sgd.zero_grad()
+        (torch.nn.functional.cross_entropy(plain(xb), yb, reduction="sum") / expected_batch).backward()
+        sgd.step()
+    for p, q in zip(model.inner.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.inner[0].weight, _mlp()[0].weight)
+
+
+def test_the_noise_has_std_lr_times_z_times_c_over_the_expected_batch_size_per_step():
+    # A loss with zero gradient: every parameter change is the Gaussian noise of DP-SGD alone.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(12, 4000)  # 52,000 parameters
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    z, clip, lr, n, batch_size = 2.0, 0.5, 0.1, 40, 8  # q = 1/5: 5 steps, expected batch n·q = 8
+    result = train_dp_sgd(model, *_data(n=n), accountant_state=None, seed=13, loss_fn=lambda out, y: 0.0 * out.sum(),
+                          **{**SETTINGS, "lr": lr, "noise_multiplier": z, "max_grad_norm": clip, "batch_size": batch_size})
+    assert result.steps == 5
+    change = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).double()
+    expected_std = lr * z * clip / batch_size * math.sqrt(result.steps)  # independent steps add in variance
+    relative_error = 1 / math.sqrt(2 * change.numel())  # of a sample std: 0.3% here
+    assert float(change.std()) == pytest.approx(expected_std, rel=6 * relative_error)
+    assert abs(float(change.mean())) < 6 * expected_std / math.sqrt(change.numel())
+    kurtosis = float(((change - change.mean()) ** 4).mean() / change.var() ** 2)
+    assert kurtosis == pytest.approx(3.0, abs=0.15)  # Gaussian, not e.g. uniform (1.8) or Laplace (6)
+
+
+def test_each_per_sample_gradient_is_clipped_to_c_before_averaging():
+    # Four samples of very different gradient norms; with z = 0 and q = 1 one step moves the model by
+    # -lr/n · Σ_i g_i · min(1, C / ‖g_i‖), with each g_i computed here one sample at a time.
+    x, y = _data(n=4)
+    x = x * np.array([[10.0], [1.0], [1e-2], [30.0]], dtype=np.float32)  # gradient norms ~7.2, 1.8, 0.8, 85
+    clip, lr = 1.0, 0.1
+    model, reference = _mlp(), _mlp()
+    per_sample = []
+    for i in range(4):
+        reference.zero_grad()
+        torch.nn.functional.cross_entropy(reference(torch.as_tensor(x[i : i + 1])), torch.as_tensor(y[i : i + 1])).backward()
+        per_sample.append(torch.cat([p.grad.flatten() for p in reference.parameters()]))
+    norms = torch.stack([g.norm() for g in per_sample])
+    assert (norms > 3 * clip).sum() >= 2 and (norms < clip).sum() >= 1  # some are clipped, one is not
+    clipped = [g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in per_sample]
+    assert all(float(g.norm()) <= clip * (1 + 1e-6) for g in clipped)
+    expected_step = -lr * torch.stack(clipped).sum(0) / 4
+    unclipped_step = -lr * torch.stack(per_sample).sum(0) / 4
+
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    train_dp_sgd(model, x, y, accountant_state=None, seed=14,
+                 **{**SETTINGS, "lr": lr, "noise_multiplier": 0.0, "max_grad_norm": clip, "batch_size": 4})
+    step = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    torch.testing.assert_close(step, expected_step, rtol=1e-4, atol=1e-7)
+    assert float(step.norm()) <= lr * clip * (1 + 1e-5)  # n clipped gradients of norm <= C, averaged over n
+    assert float((step - unclipped_step).norm()) > 0.5 * float(step.norm())  # the clipping mattered

@@ -14,6 +14,7 @@ from raysim.data.load import load_data, partition_data
 from raysim.engine.server import initial_global
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
 from raysim.errors import ScenarioError
+from raysim.models.task import task_for
 from raysim.models.tokenizer import BOS, EOS, ByteTokenizer
 
 COMEDY = "the-comedy-of-errors"
@@ -185,7 +186,7 @@ def test_imdb_style_csv_trains_a_classifier_under_fedprox_central_dp_and_secure_
         "training": {"epochs": 1, "batch_size": 16, "lr": 0.1},
         "strategy": {"name": "fedprox", "mu": 0.01},
         "privacy": {"mechanism": "central", "noise_multiplier": 0.3, "clip_norm": 1.0},
-        "secure_aggregation": {"threshold": 0.5},
+        "secure_aggregation": {"threshold": 0.5, "diagnostics": True},  # diagnostics: secagg_quantization_error
         "executor": {"num_workers": 2, "clients_per_call": 2},
         "tracking": {"progress": False}, "output": {"dir": str(tmp_path)},
     }
@@ -193,7 +194,35 @@ def test_imdb_style_csv_trains_a_classifier_under_fedprox_central_dp_and_secure_
     assert dataset.num_classes == 2 and set(dataset.y_train.tolist()) == {0, 1}  # neg, pos in sorted order
     result = raysim.run(scenario)
     final = result.summary["final"]
-    assert len(result.history) == 2 and 0.0 <= final["accuracy"] <= 1.0
+    assert len(result.history) == 2
+    # Accuracy and loss recomputed here, the final adapters and head loaded into the same classifier in this process.
+    worker, untrained = _worker(scenario)
+    trainable = [p for p in worker.model.parameters() if p.requires_grad]
+
+    def metrics(vector: np.ndarray) -> tuple[float, float]:
+        with torch.no_grad():  # in place: the worker's flat view of these parameters must stay bound
+            for p, piece in zip(trainable, torch.tensor(vector).split([p.numel() for p in trainable])):
+                p.copy_(piece.view_as(p))
+        worker.model.eval()
+        with torch.no_grad():
+            logits = worker.model(torch.as_tensor(dataset.x_test))
+        y = torch.as_tensor(dataset.y_test)
+        return float((logits.argmax(1) == y).double().mean()), float(torch.nn.functional.cross_entropy(logits, y))
+
+    trained, initial = metrics(result.global_vector), metrics(untrained)
+    assert final["accuracy"] == pytest.approx(trained[0], abs=1e-12)
+    assert final["test_loss"] == pytest.approx(trained[1], rel=1e-5)
+    # The random frozen base and z = 0.3 over 4 clients keep this run at chance (0.5 on 16 + 16 test rows) with a
+    # loss drifting from 0.693 up: the loss, not the accuracy, shows the final model is the one evaluated,
+    assert trained[1] != pytest.approx(initial[1], rel=1e-4)
+    assert result.history[0]["test_loss"] != pytest.approx(result.history[1]["test_loss"], rel=1e-4)
+    # and the workers' evaluation of a model that is not at chance gives the same accuracy and loss as here.
+    probe = (untrained + np.random.default_rng(0).normal(0.0, 1.0, untrained.size)).astype(np.float32)
+    counted = worker.evaluate_test(probe, dataset.x_test, dataset.y_test, 0, (0, len(dataset.y_test)))
+    reported = task_for(parse_scenario(scenario).model).metrics(counted.loss_sum, counted.correct, counted.samples)
+    expected = metrics(probe)
+    assert expected[0] != 0.5 and reported["accuracy"] == pytest.approx(expected[0], abs=1e-12)
+    assert reported["test_loss"] == pytest.approx(expected[1], rel=1e-5)
     assert final["trainable_parameters"] == result.global_vector.size == result.summary["num_parameters"]
     assert final["adapter_bytes"] == 4 * result.global_vector.size
     assert final["tokens_per_second_per_worker"] > 0 and final["worker_rss_mb"] > 0

@@ -20,7 +20,7 @@ import raysim
 from raysim.cli import main
 from raysim.config import parse_scenario
 from raysim.engine import checkpoint
-from raysim.engine.runner import execute
+from raysim.engine.runner import _deferred_signals, execute
 from raysim.errors import ScenarioError
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -34,8 +34,9 @@ _REFERENCES: dict[str, raysim.Result] = {}
 
 
 def _reference(tmp_path: Path, raw: dict) -> raysim.Result:
-    """The uninterrupted, fault-free run of ``raw``, run once per test session."""
-    key = json.dumps({k: v for k, v in raw.items() if k != "output"}, sort_keys=True)
+    """The uninterrupted, fault-free run of ``raw``, run once per test session (how often it checkpoints
+    never changes the model, so runs that differ only there share it)."""
+    key = json.dumps({k: v for k, v in raw.items() if k not in ("output", "checkpoint")}, sort_keys=True)
     if key not in _REFERENCES:
         _REFERENCES[key] = raysim.run(parse_scenario({**raw, "output": {"dir": str(tmp_path / "reference")}}))
     return _REFERENCES[key]
@@ -112,30 +113,70 @@ def test_an_async_run_killed_with_sigkill_resumes_to_a_bit_identical_model(tmp_p
     assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6]  # no duplicated or torn line
 
 
-def test_sigterm_then_sigkill_mid_run_and_resume_give_a_bit_identical_model(tmp_path, tiny_scenario):
-    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 2}}
+def test_sigterm_then_sigint_mid_run_and_resume_give_a_bit_identical_model(tmp_path, tiny_scenario):
+    """SIGTERM exits 143 and SIGINT 130, each after checkpointing the round in flight (a SIGKILLed run,
+    which leaves only the periodic checkpoints, is the async test above)."""
+    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 4}}  # periodic checkpoints would hide missing ones
     reference = _reference(tmp_path, raw).global_vector
     child, run_dir = _start_run(tmp_path, _slow(raw))
     _wait_for_rounds(child, run_dir, 1)
     child.send_signal(signal.SIGTERM)  # finishes the round in flight, checkpoints it, exits 143
     _, err = child.communicate(timeout=60)
     assert child.returncode == 128 + signal.SIGTERM, err
-    assert "Traceback" not in err and "raysim resume" in err
+    assert "Traceback" not in err and "raysim resume" in err and "stopped by SIGTERM" in err
     stopped = checkpoint.latest(run_dir)
-    assert stopped is not None and stopped.rounds_done == len(_metrics_rounds(run_dir)) < 4
+    assert stopped is not None and 1 <= stopped.rounds_done == len(_metrics_rounds(run_dir)) < 4
 
     child, _ = _start_run(tmp_path, _slow(raw), "--resume")
-    _wait_for_rounds(child, run_dir, stopped.rounds_done + 2)
-    child.send_signal(signal.SIGKILL)  # no warning: the last periodic checkpoint is all there is
-    child.wait(timeout=30)
+    _wait_for_rounds(child, run_dir, stopped.rounds_done + 1)
+    child.send_signal(signal.SIGINT)  # Ctrl-C: the same, exit 130
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGINT == 130, err
+    assert "Traceback" not in err and "stopped by SIGINT" in err and "raysim resume" in err
     saved = checkpoint.latest(run_dir)
-    assert saved is not None and saved.rounds_done >= stopped.rounds_done
+    assert saved is not None and stopped.rounds_done < saved.rounds_done == len(_metrics_rounds(run_dir)) < 6
 
     resumed = execute(parse_scenario(_slow(raw)), resume=run_dir)
     assert resumed.summary["resumed_after_round"] == saved.rounds_done
     np.testing.assert_array_equal(_final(resumed), reference)
     assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6]  # no duplicated or torn line
     assert main(["resume", str(run_dir)]) == 2  # a finished run has nothing to resume
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_first_signal_only_sets_the_flag_and_a_second_stops_at_once(signum, capsys):
+    """``_deferred_signals`` in this process: the first signal is noted; the second goes to the handler that was
+    installed before (for SIGINT Python's KeyboardInterrupt, which ``raysim`` turns into exit 130)."""
+
+    class Stopped(Exception):
+        pass
+
+    def stop_now(received, frame):
+        raise Stopped(received)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    other = signal.SIGTERM if signum == signal.SIGINT else signal.SIGINT
+    before = signal.default_int_handler if signum == signal.SIGINT else stop_now
+    expected = KeyboardInterrupt if signum == signal.SIGINT else Stopped
+    try:
+        signal.signal(signum, before)
+        signal.signal(other, stop_now)
+        reached = []
+        with pytest.raises(expected):
+            with _deferred_signals() as caught:
+                assert signal.getsignal(signum) is not before
+                os.kill(os.getpid(), signum)
+                time.sleep(0.01)  # the handler runs in the main thread before this returns
+                reached.append(dict(caught))
+                os.kill(os.getpid(), signum)
+                time.sleep(0.01)
+                reached.append("not stopped")
+        assert reached == [{"signum": signum}]
+        assert signal.getsignal(signum) is before and signal.getsignal(other) is stop_now  # restored on the way out
+        assert f"raysim: {signal.Signals(signum).name}: finishing the round" in capsys.readouterr().err
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def test_a_worker_process_killed_from_outside_is_restarted_and_its_calls_rerun(tmp_path, tiny_scenario):
@@ -171,17 +212,18 @@ def test_secure_rounds_that_lose_a_worker_are_rerun_to_the_same_model(tmp_path, 
 
 
 def test_the_retry_budget_stops_the_run_with_one_line_and_keeps_its_checkpoints(tmp_path, tiny_scenario, capsys):
+    # One worker, 7 calls a round (20 clients, 3 a call): it dies at its 8th call, in round 2, after round 1.
     raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 1}, "executor": {**tiny_scenario["executor"],
-           "max_worker_failures": 0}, "faults": {"kill_worker_every": 5}}
+           "num_workers": 1, "max_worker_failures": 0}, "faults": {"kill_worker_every": 8}}
     path = tmp_path / "budget.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "executor.max_worker_failures" in err[0], err
     run_dir = Path(raw["output"]["dir"]) / "tiny"
-    finished = len(_metrics_rounds(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+    assert _metrics_rounds(run_dir) == [1]
     saved = checkpoint.latest(run_dir)
-    assert (saved.rounds_done if saved else 0) == finished
+    assert saved is not None and saved.rounds_done == 1
 
 
 def test_non_finite_updates_are_rejected_and_the_round_goes_on_without_them(tmp_path, tiny_scenario):
