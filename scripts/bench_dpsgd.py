@@ -38,17 +38,19 @@ def make_model() -> tuple[torch.nn.Module, FlatParams]:
     return model, FlatParams(model)
 
 
-def median_seconds(runners: dict[str, Callable[[int], None]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median wall seconds of each runner, called interleaved with the same seeds after ``warmup`` calls each."""
+def median_seconds(runners: dict[str, Callable[[int], None]], repeats: int, warmup: int = 3,
+                   clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds (wall, or ``clock``'s) of each runner, called interleaved with the same seeds after
+    ``warmup`` calls each."""
     for seed in range(warmup):
         for runner in runners.values():
             runner(seed)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for seed in range(warmup, warmup + repeats):
         for name, runner in runners.items():
-            start = time.perf_counter()
+            start = clock()
             runner(seed)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

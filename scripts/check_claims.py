@@ -139,7 +139,7 @@ CLAIMS: list[Claim] = [
     Claim(
         "quickstart_wall_s", "README.md",
         r"run the quickstart \(FedAvg, [\d,]+ non-IID clients, on the embedded local Ray; about (?P<v>\d+(?:\.\d+)?) s "
-        r"on (?P<cores>\d+) cores, Ray start included\)",
+        r"on (?P<cores>\d+) idle cores, Ray start included; [^)]*\)",
         group("v"), "quickstart", lambda m, g: m["process_seconds"], "s",
         rel(1 / 3, "'about': a third either way; wall time of the whole `raysim run` process, the faster of 2 runs"),
         condition=lambda m, g: None if m["cores"] == int(g["cores"]) else f"measured on {m['cores']} cores, the text is about {g['cores']}",
@@ -204,7 +204,7 @@ CLAIMS: list[Claim] = [
     ),
     Claim(
         "lora_yaml_trainable_parameters", "scenarios/llm_lora_cpu.yaml",
-        r"travel \((?P<v>[\d,]+) float32 = (?P<kib>\d+) KB per client\)",
+        r"travel \((?P<v>[\d,]+) float32 = (?P<kb>\d+) KB, (?P<kib>\d+) KiB, per client\)",
         group("v"), "lora", lambda m, g: m["trainable_parameters"], "", Tolerance("exact"),
     ),
     *[
@@ -325,20 +325,6 @@ def measure_lora(out: Path) -> dict[str, Any]:
                       + ", ".join(f"{r}: {p:.2f}" for r, p in perplexity.items())}
 
 
-def cpu_medians(runners: dict[str, Callable[[int], None]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median thread CPU seconds of each runner, interleaved (bench_dpsgd.median_seconds on the CPU clock)."""
-    for seed in range(warmup):
-        for runner in runners.values():
-            runner(seed)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for seed in range(warmup, warmup + repeats):
-        for name, runner in runners.items():
-            start = time.thread_time()
-            runner(seed)
-            times[name].append(time.thread_time() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def measure_opacus(out: Path, repeats: int = 30) -> dict[str, Any]:
     """bench_dpsgd's client (500 examples, 9,610-parameter MLP, batch 32, 16 steps, 1 thread), DP-SGD without setup.
 
@@ -402,7 +388,8 @@ def measure_opacus(out: Path, repeats: int = 30) -> dict[str, Any]:
         made[0].cleanup()
 
     modes = ("hooks", "ew", "ghost", "functorch")
-    medians = cpu_medians({"plain": plain, **{mode: private(mode) for mode in modes}, "setup": setup}, repeats)
+    medians = bench.median_seconds({"plain": plain, **{mode: private(mode) for mode in modes}, "setup": setup}, repeats,
+                                   clock=time.thread_time)  # CPU time: less distorted by other load
     ratio = {mode: medians[mode] / medians["plain"] for mode in modes}
     return {"ratio": ratio, "setup_ms": medians["setup"] * 1e3,
             "detail": f"CPU-time medians of {repeats} interleaved repeats: plain train_client {medians['plain'] * 1e3:.2f} ms, "
