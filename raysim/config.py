@@ -559,7 +559,7 @@ class Scenario(_Strict):
     @model_validator(mode="after")
     def _virtual_time(self) -> Scenario:
         """The system model and the async modes against the rest of the scenario."""
-        if self.system is not None and self.system.over_selection > 1 and self.sampling.kind != "uniform":
+        if self.over_selected and self.sampling.kind != "uniform":
             raise ValueError("system.over_selection: keeping the first K of ⌈K·over_selection⌉ clients needs "
                              "sampling.kind: uniform; set over_selection: 1 for Poisson sampling")
         run = self.asynchronous
@@ -688,6 +688,11 @@ class Scenario(_Strict):
             raise ValueError("privacy.adaptive: adaptive clipping is for the central mechanism")
 
     @property
+    def over_selected(self) -> bool:
+        """Whether sync rounds draw ⌈K·over_selection⌉ clients and keep the first K finishers."""
+        return self.system is not None and self.system.over_selection > 1.0
+
+    @property
     def sample_rate(self) -> float:
         """q for the privacy accountant: the largest probability that a client's update is aggregated in a round.
 
@@ -697,7 +702,7 @@ class Scenario(_Strict):
         """
         if self.sampling.kind == "poisson":
             return float(self.sampling.rate)
-        if self.system is not None and self.system.over_selection > 1.0:
+        if self.over_selected:
             drawn = oversample_count(self.sampling.clients_per_round, self.system.over_selection, self.num_clients)
             return drawn / self.num_clients
         return self.sampling.clients_per_round / self.num_clients

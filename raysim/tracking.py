@@ -23,11 +23,14 @@ from raysim.errors import ScenarioError
 from raysim.privacy.dp.sampling import epsilon_caveat, sampling_assumption
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o666) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    ``mode`` (less the umask) applies from the moment the file exists, e.g. 0o600 for a key.
+    """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as handle:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())

@@ -9,7 +9,6 @@ the newest checkpoint and drops any metrics line logged after it, so nothing is 
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import sys
@@ -39,7 +38,7 @@ from raysim.engine.worker import ClientWorker
 from raysim.engine.system_model import client_system
 from raysim.errors import ScenarioError
 from raysim.privacy.secagg.sealed_state import new_storage_key
-from raysim.tracking import RunFolder, Tracker
+from raysim.tracking import RunFolder, Tracker, write_atomic
 
 
 @dataclass
@@ -218,13 +217,7 @@ def _client_storage_key(scenario: Scenario, run_dir: Path) -> bytes | None:
     if path.exists():
         return path.read_bytes()
     key = new_storage_key()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(key)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, key, mode=0o600)
     return key
 
 

@@ -21,11 +21,12 @@ from raysim.strategies.base import Aggregate, Strategy
 
 
 class Scaffold(Strategy):
-    def __init__(self, server_lr: float, num_clients: int, store: ClientStateStore, dim: int | None = None) -> None:
+    def __init__(self, server_lr: float, num_clients: int, store: ClientStateStore, dim: int) -> None:
+        """``dim``: the model's; the store's rows may be wider (sealed under secure aggregation)."""
         super().__init__(server_lr)
         self.num_clients = num_clients
         self.store = store
-        self.control = np.zeros(store.dim if dim is None else dim, dtype=np.float32)
+        self.control = np.zeros(dim, dtype=np.float32)
 
     def server_state(self) -> np.ndarray:
         """The server control variate c, shipped to every client of the round."""

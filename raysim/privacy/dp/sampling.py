@@ -12,7 +12,7 @@ privacy block, the W&B summary and the progress bar's ε* note. This module impo
 
 from __future__ import annotations
 
-from raysim.config import Scenario
+from raysim.config import Scenario, oversample_count
 
 
 def denominator_rate(scenario: Scenario) -> float:
@@ -20,10 +20,6 @@ def denominator_rate(scenario: Scenario) -> float:
     if scenario.sampling.kind == "poisson":
         return float(scenario.sampling.rate)
     return scenario.sampling.clients_per_round / scenario.num_clients
-
-
-def _over_selected(scenario: Scenario) -> bool:
-    return scenario.system is not None and scenario.system.over_selection > 1.0
 
 
 def sampling_assumption(scenario: Scenario) -> str:
@@ -36,8 +32,8 @@ def sampling_assumption(scenario: Scenario) -> str:
     if scenario.sampling.kind == "poisson":
         return f"Poisson sampling of clients at rate q = {q:g}, as the accountant assumes"
     k = scenario.sampling.clients_per_round
-    if _over_selected(scenario):
-        drawn = round(q * n)
+    if scenario.over_selected:
+        drawn = oversample_count(k, scenario.system.over_selection, n)
         return (f"the accountant assumes Poisson sampling at the worst-case participation rate "
                 f"q = ⌈K·over_selection⌉/N = {drawn}/{n} = {q:g}: over-selection draws {drawn} clients and keeps the "
                 f"first K = {k} finishers, so a fast client takes part whenever it is drawn; this run sampled a fixed "
