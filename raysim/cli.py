@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from raysim.config import Scenario, load_scenario, scenario_to_yaml
+from raysim.config import Scenario, scenario_to_yaml
+from raysim.engine.validation import load_and_validate
 from raysim.errors import ScenarioError
 
 EXIT_USAGE = 2
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    scenario = load_scenario(args.scenario, args.overrides)
+    scenario = load_and_validate(args.scenario, args.overrides)
     run_dir = None
     if args.resume:
         run_dir = Path(scenario.output.dir) / scenario.name
@@ -72,7 +73,7 @@ def _resumable(run_dir: Path, what: str) -> Scenario:
                             "e.g. results/quickstart")
     if (run_dir / "summary.json").is_file():
         raise ScenarioError(f"{what}: the run in {run_dir} already finished (summary.json exists); nothing to resume")
-    return load_scenario(config)
+    return load_and_validate(config)
 
 
 def _execute(scenario: Scenario, address: str | None, run_dir: Path | None) -> int:
@@ -96,7 +97,7 @@ def _validate(args: argparse.Namespace) -> int:
         runs = plan(load_study(args.scenario, args.overrides))
         print(f"raysim: {args.scenario} is a valid study of {len(runs)} runs")
         return 0
-    scenario = load_scenario(args.scenario, args.overrides)
+    scenario = load_and_validate(args.scenario, args.overrides)
     if args.print:
         print(scenario_to_yaml(scenario), end="")
     print(f"raysim: {args.scenario} is a valid scenario ({scenario.name})")

@@ -26,7 +26,8 @@ from raysim.privacy.secagg import (
     run_round,
 )
 from raysim.privacy.secagg.dropout import CONSISTENCY_CHECK, MASKED_INPUT, UNMASKING
-from raysim.config import apply_overrides, parse_scenario
+from raysim.config import apply_overrides
+from raysim.engine.validation import parse_and_validate as parse_scenario  # the schema and the engine's checks
 from raysim.privacy.secagg import crypto, masking, shamir
 from raysim.privacy.secagg.messages import MaskedInput, SurvivorList, UnmaskRequest, UnmaskResponse
 from raysim.privacy.secagg.setup import round_params

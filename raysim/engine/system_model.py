@@ -10,19 +10,19 @@ mapped to U(0, 1) and through an inverse CDF (Box–Muller for the lognormal). T
 vectorised over a batch of ids, so a population of 1,000,000 costs nothing until a client
 is sampled, and client 42 draws the same speed alone or in a batch of 1,000.
 
-``client_system`` builds the model a scenario's ``system`` block describes; the clocks in
-``raysim.engine.clock`` and ``raysim.engine.async_schedule`` turn it into virtual durations.
+The distributions and availability windows are the scenario's own blocks (``raysim.config.Distribution``
+and ``Availability``); this module feeds their inverse CDFs with its draws. ``client_system`` builds
+the model a scenario's ``system`` block describes; the clocks in ``raysim.engine.clock`` and
+``raysim.engine.async_schedule`` turn it into virtual durations.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-from raysim.config import DistributionConfig, Scenario
+from raysim.config import Availability, Distribution, Scenario
 from raysim.engine.trace import ClientTrace, load_trace
 from raysim.errors import ScenarioError
 
@@ -52,75 +52,6 @@ def counter_uniforms(seed: int, client_ids: np.ndarray, *stream: int) -> np.ndar
         bits = _splitmix64(key + ids * _GOLDEN)
     return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # 53 bits, never 0 or 1
 
-
-@dataclass(frozen=True)
-class Distribution:
-    """A positive per-client quantity: constant(value), uniform(low, high),
-    lognormal(mean, sigma) or exponential(mean).
-
-    For the lognormal, ``mean`` is the mean of the values themselves (not of their
-    logarithm): the underlying normal has μ = ln(mean) − σ²/2.
-    """
-
-    kind: Literal["constant", "uniform", "lognormal", "exponential"] = "constant"
-    value: float | None = None
-    low: float | None = None
-    high: float | None = None
-    mean: float | None = None
-    sigma: float | None = None
-
-    def check(self, field: str, unit: str) -> None:
-        """Raise ScenarioError naming ``field`` unless every draw is a positive number."""
-        params = {"constant": ("value",), "uniform": ("low", "high"), "lognormal": ("mean", "sigma"),
-                  "exponential": ("mean",)}
-        if self.kind not in params:
-            raise ScenarioError(f"{field}.kind: must be one of {', '.join(params)} (got {self.kind!r})")
-        for name in params[self.kind]:
-            v = getattr(self, name)
-            if v is None:
-                raise ScenarioError(f"{field}.{name}: required for a {self.kind} distribution")
-            floor_ok = v >= 0 if name == "sigma" else v > 0
-            if not (math.isfinite(v) and floor_ok):
-                bound = ">= 0" if name == "sigma" else f"a positive number of {unit}"
-                raise ScenarioError(f"{field}.{name}: must be {bound} (got {v})")
-        if self.kind == "uniform" and self.high < self.low:
-            raise ScenarioError(f"{field}.high: must be >= {field}.low (got low {self.low}, high {self.high})")
-
-    def sample(self, seed: int, client_ids: np.ndarray, stream: int) -> np.ndarray:
-        """Each client's value, by inverse CDF of its counter-based uniforms."""
-        ids = np.asarray(client_ids, dtype=np.int64)
-        if self.kind == "constant":
-            return np.full(ids.shape, float(self.value))
-        u = counter_uniforms(seed, ids, stream, 0)
-        if self.kind == "uniform":
-            return self.low + (self.high - self.low) * u
-        if self.kind == "exponential":
-            return -self.mean * np.log(u)
-        u2 = counter_uniforms(seed, ids, stream, 1)
-        z = np.sqrt(-2.0 * np.log(u)) * np.cos(2.0 * np.pi * u2)  # Box–Muller
-        return np.exp(math.log(self.mean) - 0.5 * self.sigma**2 + self.sigma * z)
-
-
-@dataclass(frozen=True)
-class Availability:
-    """When a client can train: with ``probability`` in each round, and, if ``on_s`` is set,
-    only inside periodic windows of on_s online then off_s offline seconds, each client's
-    period shifted by a seeded phase."""
-
-    probability: float = 1.0
-    on_s: float | None = None
-    off_s: float | None = None
-
-    def check(self) -> None:
-        if not 0.0 <= self.probability <= 1.0:
-            raise ScenarioError(f"system.availability.probability: must be in [0, 1] (got {self.probability})")
-        if (self.on_s is None) != (self.off_s is None):
-            raise ScenarioError("system.availability: set both on_s and off_s for on/off windows, or neither")
-        if self.on_s is not None:
-            if not (math.isfinite(self.on_s) and self.on_s > 0):
-                raise ScenarioError(f"system.availability.on_s: must be a positive number of seconds (got {self.on_s})")
-            if not (math.isfinite(self.off_s) and self.off_s >= 0):
-                raise ScenarioError(f"system.availability.off_s: must be >= 0 seconds (got {self.off_s})")
 
 class SystemModel:
     """Per-client speed, bandwidth, availability and dropout, derived lazily per batch of ids.
@@ -157,7 +88,9 @@ class SystemModel:
         if self.trace is not None:
             return self.trace.column(ids, {_SPEED: "speed", _UP_BW: "up_bw", _DOWN_BW: "down_bw"}[stream])
         dist = self._dists[stream]
-        return np.full(ids.shape, np.inf) if dist is None else dist.sample(self.seed, ids, stream)
+        if dist is None:
+            return np.full(ids.shape, np.inf)
+        return dist.sample(ids, lambda k: counter_uniforms(self.seed, ids, stream, k))
 
     def speed(self, client_ids: np.ndarray) -> np.ndarray:
         """Training samples per second."""
@@ -231,10 +164,6 @@ class ClientSystem:
     train_sizes: np.ndarray  # samples each client trains on (its holdout for federated evaluation excluded)
 
 
-def _distribution(config: DistributionConfig | None) -> Distribution | None:
-    return None if config is None else Distribution(**config.model_dump())
-
-
 def client_system(scenario: Scenario, sizes: np.ndarray) -> ClientSystem | None:
     """The system model of ``scenario.system`` (None when the block is absent), its trace parsed once.
 
@@ -248,9 +177,8 @@ def client_system(scenario: Scenario, sizes: np.ndarray) -> ClientSystem | None:
     if trace is not None:
         trace.column(np.arange(scenario.num_clients, dtype=np.int64), "speed")  # every client must be listed
     model = SystemModel(
-        seed=scenario.seed, speed=_distribution(config.speed), up_bw=_distribution(config.up_bw),
-        down_bw=_distribution(config.down_bw), availability=Availability(**config.availability.model_dump()),
-        dropout=config.dropout, trace=trace,
+        seed=scenario.seed, speed=config.speed, up_bw=config.up_bw, down_bw=config.down_bw,
+        availability=config.availability, dropout=config.dropout, trace=trace,
     )
     sizes = np.asarray(sizes, dtype=np.int64)
     holdout = scenario.evaluation.holdout_fraction if scenario.evaluation.federated else 0.0

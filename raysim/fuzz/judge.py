@@ -153,22 +153,11 @@ def _captured() -> Iterator[dict[str, str]]:
             result["stderr"] = py_err.getvalue() + fd_err.read().decode("utf-8", "replace")
 
 
-@contextlib.contextmanager
-def _tripwire() -> Iterator[None]:
+def _tripwire() -> contextlib.AbstractContextManager[None]:
     """Replace the runner's ``connect`` and ``ray.init`` with a tripwire, so no case starts Ray."""
-    import ray
+    from raysim.engine.cluster import no_ray
 
-    import raysim.engine.runner as runner
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise _RayWouldStart
-
-    saved = runner.connect, ray.init
-    runner.connect, ray.init = refuse, refuse
-    try:
-        yield
-    finally:
-        runner.connect, ray.init = saved
+    return no_ray(_RayWouldStart)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,9 @@
 
 One generator per category. The schema categories (``missing_required``, ``wrong_type``,
 ``out_of_range``, ``huge_number``, ``impossible_combo``) mutate a valid scenario and may, rarely,
-produce one pydantic accepts; every other category is malformed by construction.
+produce one pydantic accepts; every other category is malformed by construction. The impossible
+combinations of features are the rows of ``raysim.config.compat``, each row's example written over
+the base, so a row added to the table is fuzzed without touching this package.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from raysim.config.compat import ROWS, Exclusion
 from raysim.fuzz.hostile import anchor_bomb, deep_nesting, quadratic_aliases
 from raysim.fuzz.schema import (SCENARIO, Case, delete_path, dump, get_path, kinds, load_bases, load_studies,
                                 out_of_range, schema_fields, set_path, submodel, wrong_type)
@@ -58,7 +61,7 @@ _REQUIREMENTS: list[tuple[str, Callable[[dict], Any]]] = [
                                                                      model__tokenizer="pretrained")),
 ]
 
-_IMPOSSIBLE: list[tuple[str, Callable[[dict], Any]]] = [
+_INCONSISTENT: list[tuple[str, Callable[[dict], Any]]] = [  # counts and settings that disagree across fields
     ("clients_per_round > num_clients", lambda r: _set_all(r, num_clients=10, sampling__kind="uniform",
                                                             sampling__clients_per_round=11)),
     ("federated_clients > num_clients", lambda r: _set_all(r, num_clients=10, evaluation__federated=True,
@@ -66,13 +69,8 @@ _IMPOSSIBLE: list[tuple[str, Callable[[dict], Any]]] = [
     ("min_size x num_clients > training samples", lambda r: _set_all(
         r, num_clients=100, data={"source": "synthetic", "num_samples": 100}, partition={"kind": "iid", "min_size": 10},
         sampling={"clients_per_round": 10})),
-    ("scaffold with adam", lambda r: _set_all(r, strategy__name="scaffold", training__optimizer="adam")),
     ("proximal mu without fedprox", lambda r: _set_all(r, strategy__name="fedavg", strategy__mu=0.1)),
     ("stragglers with one epoch", lambda r: _set_all(r, training__epochs=1, training__straggler_fraction=0.5)),
-    ("cnn on tabular synthetic data", lambda r: _set_all(r, data__source="synthetic", model__kind="cnn")),
-    ("text source with an mlp", lambda r: _set_all(r, data__source="shakespeare_lm", model__kind="mlp")),
-    ("token weighting without text", lambda r: _set_all(r, data__source="synthetic", model__kind="mlp",
-                                                         strategy__client_weighting="tokens")),
     ("FedBuff buffer larger than concurrency", lambda r: _set_all(
         r, asynchronous={"mode": "fedbuff", "concurrency": 5, "buffer_size": 20},
         system={"speed": {"kind": "constant", "value": 10}})),
@@ -82,11 +80,19 @@ _IMPOSSIBLE: list[tuple[str, Callable[[dict], Any]]] = [
         r, privacy={"mechanism": "distributed", "clip_norm": 5.0}, secure_aggregation={"clip_range": 1.0})),
     ("secagg threshold above the cohort", lambda r: _set_all(
         r, sampling={"kind": "uniform", "clients_per_round": 10}, secure_aggregation={"threshold": 1000})),
-    ("over-selection with poisson sampling", lambda r: _set_all(
-        r, sampling={"kind": "poisson", "rate": 0.1}, system={"speed": {"kind": "constant", "value": 10},
-                                                              "over_selection": 2.0})),
-    ("local DP with adaptive clipping", lambda r: _set_all(r, privacy={"mechanism": "local", "adaptive": {}})),
 ]
+
+
+def _combined(row: Exclusion) -> tuple[str, Callable[[dict], Any]]:
+    """A row of the feature table as a mutation: its example's settings written over the base."""
+    def change(raw: dict) -> None:
+        for dotted, value in row.example.items():
+            set_path(raw, dotted, copy.deepcopy(value))
+
+    return f"{row.features[0]} with {row.features[1]}", change
+
+
+_IMPOSSIBLE = _INCONSISTENT + [_combined(row) for row in ROWS]  # every refused feature pair, from compat.ROWS
 
 _VALIDATED_RANGES: dict[str, list[Any]] = {  # bounds checked by validators rather than Field(ge=...)
     "system.dropout": [1.0, -0.5], "system.over_selection": [0.5, float("nan")], "system.deadline_s": [0.0, -1.0],

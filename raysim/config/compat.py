@@ -1,0 +1,239 @@
+"""The feature-compatibility table: every pair of features a scenario may not combine, and why.
+
+One ``Exclusion`` per refused combination. ``kind`` says whether the two are incompatible by nature
+(``nature``: e.g. a robust rule needs individual updates, which secure aggregation hides) or could
+work but are not built yet (``not_built``). ``Scenario``'s one compatibility validator raises the
+message of the first row whose ``applies`` holds, ``"<field>: <reason>; <fix>"``; the rows keep the
+order of the checks they replaced, so a scenario that combines several pairs hears of the same one
+first. A requirement (one feature needs another) is the first feature combined with the second's
+absence.
+
+``example`` is a minimal set of dotted overrides that, on top of ``scenarios/quickstart.yaml``,
+combines exactly that row's two features. The tests, the fuzz harness (``raysim.fuzz``) and the
+README's matrix (``markdown``) are all generated from this table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from raysim.config.blocks import TEXT_SOURCES
+
+if TYPE_CHECKING:
+    from raysim.config.scenario import Scenario
+
+Kind = Literal["nature", "not_built"]
+KIND_TITLES: dict[str, str] = {"nature": "Incompatible by nature", "not_built": "Not built yet"}
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """One refused combination of two features."""
+
+    features: tuple[str, str]
+    kind: Kind
+    field: str
+    reason: str
+    fix: str
+    applies: Callable[[Scenario], bool]
+    example: dict[str, Any]
+
+    @property
+    def message(self) -> str:
+        """The one-line error a scenario that combines the two features gets."""
+        return f"{self.field}: {self.reason}; {self.fix}"
+
+    @property
+    def overrides(self) -> list[str]:
+        """``example`` as ``--set`` arguments (``key.path=value``, the value as JSON)."""
+        return [f"{key}={json.dumps(value)}" for key, value in self.example.items()]
+
+
+def _async(s: Scenario) -> bool:
+    return s.asynchronous is not None
+
+
+def _async_mode(s: Scenario, mode: str) -> bool:
+    return s.asynchronous is not None and s.asynchronous.mode == mode
+
+
+def _dp(s: Scenario, *mechanisms: str) -> bool:
+    return s.privacy is not None and (not mechanisms or s.privacy.mechanism in mechanisms)
+
+
+def _robust(s: Scenario) -> bool:
+    return s.aggregation.rule != "mean"
+
+
+def _compression(s: Scenario, *kinds: str) -> bool:
+    kind = "none" if s.compression is None else s.compression.kind
+    return kind in kinds if kinds else kind != "none"
+
+
+def _text(s: Scenario) -> bool:
+    return s.data.source in TEXT_SOURCES
+
+
+_SYSTEM = {"system.speed": {"kind": "constant", "value": 100}}
+_FEDBUFF = {**_SYSTEM, "asynchronous.mode": "fedbuff"}
+_FEDASYNC = {**_SYSTEM, "asynchronous.mode": "fedasync"}
+_ROBUST_FIX = "use rule: mean (norm_bound composes) or remove the block"
+
+ROWS: tuple[Exclusion, ...] = (
+    Exclusion(("over-selection", "Poisson sampling"), "nature", "system.over_selection",
+              "keeping the first K of ⌈K·over_selection⌉ clients needs sampling.kind: uniform",
+              "set over_selection: 1 for Poisson sampling",
+              lambda s: s.over_selected and s.sampling.kind != "uniform",
+              {**_SYSTEM, "system.over_selection": 1.3, "sampling.kind": "poisson", "sampling.rate": 0.05}),
+    Exclusion(("asynchronous modes", "no system block"), "nature", "asynchronous",
+              "updates are ordered by virtual client durations",
+              "add a system block, e.g. system: {speed: {kind: lognormal, mean: 100, sigma: 1}}",
+              lambda s: _async(s) and s.system is None,
+              {"asynchronous.mode": "fedbuff", "system": None}),
+    Exclusion(("asynchronous modes", "over-selection"), "nature", "system.over_selection",
+              "over-selection shapes synchronous rounds, and async modes keep asynchronous.concurrency clients "
+              "in flight instead", "set it to 1 or remove the asynchronous block",
+              lambda s: _async(s) and s.system is not None and s.system.over_selection != 1.0,
+              {**_FEDBUFF, "system.over_selection": 1.3}),
+    Exclusion(("asynchronous modes", "a round deadline"), "nature", "system.deadline_s",
+              "a deadline ends a synchronous round, and async modes have no rounds",
+              "remove it or the asynchronous block",
+              lambda s: _async(s) and s.system is not None and s.system.deadline_s is not None,
+              {**_FEDBUFF, "system.deadline_s": 60}),
+    Exclusion(("asynchronous modes", "SCAFFOLD"), "not_built", "strategy.name",
+              "scaffold's control variates assume synchronous rounds, and no asynchronous variant is built",
+              "use fedavg, fedprox or a server optimizer with asynchronous modes",
+              lambda s: _async(s) and s.strategy.name == "scaffold",
+              {**_FEDBUFF, "strategy.name": "scaffold"}),
+    Exclusion(("FedAsync", "a server optimizer"), "nature", "strategy.name",
+              "fedasync's mixing replaces the server update, so a server optimizer cannot apply",
+              "use fedavg or fedprox, or asynchronous.mode: fedbuff",
+              lambda s: _async_mode(s, "fedasync") and s.strategy.name not in ("fedavg", "fedprox"),
+              {**_FEDASYNC, "strategy.name": "fedadam"}),
+    Exclusion(("asynchronous modes", "secure aggregation"), "not_built", "secure_aggregation",
+              "the protocol sums a synchronous cohort, and buffered secure aggregation is not built yet",
+              "remove it or the asynchronous block",
+              lambda s: _async(s) and s.secure_aggregation is not None,
+              {**_FEDBUFF, "secure_aggregation": {}}),
+    Exclusion(("asynchronous modes", "stragglers"), "not_built", "training.straggler_fraction",
+              "async modes model slow clients with system.speed, and partial epochs are not built for them",
+              "set it to 0",
+              lambda s: _async(s) and s.training.straggler_fraction > 0,
+              {**_FEDBUFF, "training.straggler_fraction": 0.5}),
+    Exclusion(("SCAFFOLD", "Adam or momentum in local training"), "nature", "strategy.name",
+              "scaffold's control variates assume plain local SGD",
+              "set training.optimizer: sgd and training.momentum: 0",
+              lambda s: s.strategy.name == "scaffold" and (s.training.optimizer != "sgd" or s.training.momentum > 0),
+              {"strategy.name": "scaffold", "training.optimizer": "adam"}),
+    Exclusion(("differential privacy", "asynchronous modes"), "not_built", "privacy",
+              "differential privacy is not supported in asynchronous modes yet (accounting for asynchronous "
+              "participation is not built)", "remove one of the blocks",
+              lambda s: _dp(s) and _async(s),
+              {**_FEDBUFF, "privacy.mechanism": "central"}),
+    Exclusion(("distributed DP", "no secure aggregation"), "nature", "privacy.mechanism",
+              "distributed DP adds noise under secure aggregation", "add a secure_aggregation block",
+              lambda s: _dp(s, "distributed") and s.secure_aggregation is None,
+              {"privacy.mechanism": "distributed", "secure_aggregation": None}),
+    Exclusion(("differential privacy", "SCAFFOLD"), "not_built", "privacy.mechanism",
+              "SCAFFOLD's control variates are not privatized", "use fedavg, fedprox or a server optimizer",
+              lambda s: _dp(s) and s.strategy.name == "scaffold",
+              {"privacy.mechanism": "central", "strategy.name": "scaffold"}),
+    Exclusion(("local DP-SGD", "FedProx"), "not_built", "privacy.mechanism",
+              "local DP-SGD with FedProx's proximal term (strategy.mu) is not built yet",
+              "set strategy.mu: 0 or use the central mechanism",
+              lambda s: _dp(s, "local") and s.strategy.mu > 0,
+              {"privacy.mechanism": "local", "strategy.name": "fedprox", "strategy.mu": 0.1}),
+    Exclusion(("local DP-SGD", "adaptive clipping"), "not_built", "privacy.mechanism",
+              "local DP-SGD with adaptive clipping (privacy.adaptive) is not built yet",
+              "remove privacy.adaptive or use the central mechanism",
+              lambda s: _dp(s, "local") and s.privacy.adaptive is not None,
+              {"privacy.mechanism": "local", "privacy.adaptive": {}}),
+    Exclusion(("local DP-SGD", "a target ε"), "not_built", "privacy.mechanism",
+              "local DP-SGD does not solve for privacy.target_epsilon yet",
+              "set privacy.noise_multiplier instead or use the central mechanism",
+              lambda s: _dp(s, "local") and s.privacy.target_epsilon is not None,
+              {"privacy.mechanism": "local", "privacy.target_epsilon": 5.0}),
+    Exclusion(("adaptive clipping", "distributed DP"), "not_built", "privacy.adaptive",
+              "adaptive clipping is for the central mechanism (its private count of clipped updates is not built "
+              "under secure aggregation)", "remove privacy.adaptive or set privacy.mechanism: central",
+              lambda s: _dp(s, "distributed") and s.privacy.adaptive is not None,
+              {"privacy.mechanism": "distributed", "privacy.adaptive": {}, "secure_aggregation": {}}),
+    Exclusion(("a CNN", "non-image data"), "nature", "model.kind",
+              "'cnn' needs image-shaped data", "use data.source: digits, an npz or a table of images, or another model",
+              lambda s: s.model.kind == "cnn" and s.data.source not in ("digits", "npz", "table"),
+              {"data.source": "synthetic", "model.kind": "cnn"}),
+    Exclusion(("a robust rule", "secure aggregation"), "nature", "aggregation.rule",
+              "a robust rule needs individual updates, but the server only ever sees the sum with "
+              "secure_aggregation", _ROBUST_FIX,
+              lambda s: _robust(s) and s.secure_aggregation is not None,
+              {"aggregation.rule": "median", "secure_aggregation": {}}),
+    Exclusion(("a robust rule", "differential privacy"), "not_built", "aggregation.rule",
+              "a robust rule needs individual updates, but DP's sensitivity analysis assumes the mean with privacy",
+              _ROBUST_FIX,
+              lambda s: _robust(s) and s.privacy is not None,
+              {"aggregation.rule": "median", "privacy.mechanism": "central"}),
+    Exclusion(("a robust rule", "FedAsync"), "nature", "aggregation.rule",
+              "a robust rule needs a set of updates, but fedasync mixes each update in alone as it arrives",
+              _ROBUST_FIX,
+              lambda s: _robust(s) and _async_mode(s, "fedasync"),
+              {**_FEDASYNC, "aggregation.rule": "median"}),
+    Exclusion(("a robust rule", "FedBuff"), "not_built", "aggregation.rule",
+              "a robust rule over fedbuff's buffer of staleness-weighted updates is not built yet", _ROBUST_FIX,
+              lambda s: _robust(s) and _async_mode(s, "fedbuff"),
+              {**_FEDBUFF, "aggregation.rule": "median"}),
+    Exclusion(("top-k or random-k compression", "secure aggregation"), "nature", "compression.kind",
+              "topk and randk do not compose with secure aggregation (masks need every client to send the same "
+              "coordinates)", "use random_mask, the shared mask",
+              lambda s: _compression(s, "topk", "randk") and s.secure_aggregation is not None,
+              {"compression.kind": "topk", "secure_aggregation": {}}),
+    Exclusion(("quantize or sign compression", "secure aggregation"), "not_built", "compression.kind",
+              "quantize and sign are not built to encode into secure aggregation's ring, which already quantizes "
+              "with its own range", "use random_mask, the shared mask, or remove compression",
+              lambda s: _compression(s, "quantize", "sign") and s.secure_aggregation is not None,
+              {"compression.kind": "quantize", "secure_aggregation": {}}),
+    Exclusion(("the shared random mask", "SCAFFOLD under secure aggregation"), "not_built", "compression.kind",
+              "the shared random mask does not carry SCAFFOLD's control variates",
+              "remove compression or use another strategy",
+              lambda s: _compression(s, "random_mask") and s.secure_aggregation is not None
+              and s.strategy.name == "scaffold",
+              {"compression.kind": "random_mask", "secure_aggregation": {}, "strategy.name": "scaffold"}),
+    Exclusion(("compression", "differential privacy"), "not_built", "compression.kind",
+              "compression with differential privacy is not supported yet", "remove one",
+              lambda s: _compression(s) and s.privacy is not None,
+              {"compression.kind": "topk", "privacy.mechanism": "central"}),
+    Exclusion(("compression", "asynchronous modes"), "not_built", "compression.kind",
+              "compression is not supported in asynchronous modes yet", "remove one",
+              lambda s: _compression(s) and _async(s),
+              {**_FEDBUFF, "compression.kind": "topk"}),
+    Exclusion(("attacks", "text data"), "not_built", "adversary",
+              "attacks are simulated for classification of numeric features", "remove the block",
+              lambda s: s.adversary is not None and _text(s),
+              {"data.source": "shakespeare_lm", "model.kind": "hf_causal_lm", "adversary.attack": "sign_flip"}),
+    Exclusion(("text data", "a non-language model"), "nature", "model.kind",
+              "text sources (shakespeare_lm, shakespeare_genre, text) hold tokens, which only hf_causal_lm and "
+              "hf_classifier read", "set model.kind: hf_causal_lm or hf_classifier",
+              lambda s: _text(s) and not s.model.is_language_model,
+              {"data.source": "shakespeare_lm", "model.kind": "mlp"}),
+    Exclusion(("a language model", "numeric data"), "nature", "model.kind",
+              "hf_causal_lm and hf_classifier read tokens, which numeric sources do not hold",
+              "use a non-text model such as mlp, or a text source: shakespeare_lm, shakespeare_genre or text",
+              lambda s: s.model.is_language_model and not _text(s),
+              {"data.source": "synthetic", "model.kind": "hf_classifier"}),
+    Exclusion(("token weighting", "numeric data"), "nature", "strategy.client_weighting",
+              "tokens weighs clients by their text tokens, which numeric sources do not have", "use samples",
+              lambda s: s.strategy.client_weighting == "tokens" and not _text(s),
+              {"data.source": "synthetic", "model.kind": "mlp", "strategy.client_weighting": "tokens"}),
+)
+
+
+def markdown() -> str:
+    """The table as the README shows it: one Markdown table per kind, rows in table order."""
+    lines = []
+    for kind, title in KIND_TITLES.items():
+        lines += [f"**{title}**", "", "| feature | with | field named | why |", "|---|---|---|---|"]
+        lines += [f"| {row.features[0]} | {row.features[1]} | `{row.field}` | {row.reason.replace('|', '/')} |"
+                  for row in ROWS if row.kind == kind]
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
