@@ -28,3 +28,13 @@ def shown_text(text: str, limit: int = 80) -> str:
     middle of a long one elided, keeping both ends."""
     text = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
     return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-(limit // 2):]} ({len(text)} characters)"
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """``Type: first line of the message`` (``Type`` alone for an empty message), at most ``limit`` characters
+    of message: how a run reports an exception it survives (a failed client, a lost worker) in one line."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else ""
+    if limit is not None:
+        line = line[:limit]
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__

@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from raysim.errors import ScenarioError
-from raysim.tracking import write_atomic
+from raysim.atomic import write_atomic
 
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 _RUN_FILES = ("metrics.jsonl", "partition.json", "summary.json")

@@ -18,28 +18,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from raysim.atomic import write_atomic
 from raysim.config import Scenario, TrackingConfig, scenario_to_yaml
-from raysim.errors import ScenarioError
+from raysim.errors import ScenarioError, first_line
 from raysim.privacy.dp.sampling import epsilon_caveat, sampling_assumption
-
-
-def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o666) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
-
-    ``mode`` (less the umask) applies from the moment the file exists, e.g. 0o600 for a key.
-    """
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -79,12 +61,7 @@ class RunFolder:
         write_atomic(self.path / "config.yaml", scenario_to_yaml(scenario))
 
     def write_model(self, vector: np.ndarray) -> None:
-        tmp = self.path / f".final_model.npy.tmp-{os.getpid()}"
-        with open(tmp, "wb") as handle:
-            np.save(handle, vector)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path / "final_model.npy")
+        write_atomic(self.path / "final_model.npy", lambda handle: np.save(handle, vector))
 
     def keep_metrics(self, rounds_done: int) -> list[dict[str, Any]]:
         """Cut metrics.jsonl back to the rounds a resumed run keeps (``round`` ≤ ``rounds_done``, up to the
@@ -249,9 +226,8 @@ def _start_wandb(folder: RunFolder, scenario: Scenario, mode: str) -> Any:
             reinit="finish_previous", settings=wandb.Settings(console="off", quiet=True),
         )
     except (wandb.Error, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ScenarioError(
-            f"tracking.wandb: W&B could not start in {mode} mode ({scrub(first)}); "
+            f"tracking.wandb: W&B could not start in {mode} mode ({scrub(first_line(err))}); "
             "set tracking.wandb: offline (or WANDB_MODE=offline) and sync later with `wandb sync`"
         ) from None
     write_atomic(id_file, run_id + "\n")

@@ -30,17 +30,17 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
+
+from rss import MemorySampler, Usage, driver_peak_rss, measure
 
 if TYPE_CHECKING:
     from raysim.config import Scenario
@@ -56,41 +56,23 @@ def mlp_parameters(features: int, hidden: list[int], classes: int) -> int:
     return sum(a * b + b for a, b in zip(widths, widths[1:]))
 
 
-class MemorySampler:
-    """Every ``interval`` seconds, sums the RSS of this driver's Ray actors, and the PSS of them and the driver."""
+def run_actors(driver: psutil.Process) -> list[psutil.Process]:
+    """The ``ray::ClientWorker`` and ``ray::RoundServer`` processes descended from ``driver``."""
+    found = []
+    for proc in driver.children(recursive=True):
+        try:
+            if any(name in " ".join(proc.cmdline()) for name in ACTOR_NAMES):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
 
-    def __init__(self, interval: float = 0.5) -> None:
-        self.interval = interval
-        self.peak_actor_rss = 0
-        self.peak_pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> tuple[int, int]:
-        driver = psutil.Process()
-        actor_rss, pss = 0, driver.memory_full_info().pss
-        for proc in driver.children(recursive=True):
-            try:
-                if any(name in " ".join(proc.cmdline()) for name in ACTOR_NAMES):
-                    info = proc.memory_full_info()
-                    actor_rss, pss = actor_rss + info.rss, pss + info.pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return actor_rss, pss
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            actor_rss, pss = self._sample()
-            self.peak_actor_rss, self.peak_pss = max(self.peak_actor_rss, actor_rss), max(self.peak_pss, pss)
-            self._stop.wait(self.interval)
+def sample_memory() -> Usage:
+    """The actors' summed RSS, and the summed PSS of the actors and the driver."""
+    driver = psutil.Process()
+    actors = measure(run_actors(driver), pss=True)
+    return Usage(actors.rss, actors.pss + driver.memory_full_info().pss)
 
 
 def bench_scenario(strategy: str, population: int, rounds: int, clients_per_round: int, samples_per_client: int,
@@ -141,19 +123,19 @@ def one_run(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             tick = time.perf_counter()
-            with MemorySampler() as sampler:
+            with MemorySampler(sample_memory) as sampler:
                 result = raysim.run(scenario)
             wall = time.perf_counter() - tick
         finally:
             ray.shutdown()
         size, allocated, files = directory_bytes(result.run_dir / "client_state")
-    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    driver_peak = driver_peak_rss()
     return {
         "strategy": strategy, "num_parameters": result.summary["num_parameters"],
         "clients_ever_sampled": clients_ever_sampled(scenario), "store_bytes": size,
         "store_allocated_bytes": allocated, "store_files": files, "accuracy": result.final_accuracy,
         "seconds_per_round": float(np.mean(result.round_seconds)), "wall_seconds": wall,
-        "driver_peak_rss": driver_peak, "actors_peak_rss": sampler.peak_actor_rss, "peak_pss": sampler.peak_pss,
+        "driver_peak_rss": driver_peak, "actors_peak_rss": sampler.peak.rss, "peak_pss": sampler.peak.pss,
     }
 
 

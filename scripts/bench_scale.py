@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
+
+from rss import MemorySampler, driver_peak_rss, measure, raylet
 
 SAMPLES_PER_CLIENT = 8
 
@@ -29,7 +29,6 @@ def one_size(population: int, rounds: int, warmup: int) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("WANDB_MODE", "disabled")
     import numpy as np
-    import psutil
     import ray
 
     import raysim
@@ -48,36 +47,17 @@ def one_size(population: int, rounds: int, warmup: int) -> dict:
             "executor": {"num_workers": 2, "clients_per_call": 10},
             "tracking": {"progress": False}, "output": {"dir": out},
         }
-        raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
-        peak_actors = [0]
-        done = threading.Event()
-
-        def sample() -> None:  # the largest summed RSS of this session's worker processes during the run
-            while not done.wait(0.5):
-                total = 0
-                for child in raylet.children(recursive=True):
-                    try:
-                        total += child.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak_actors[0] = max(peak_actors[0], total)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
+        session = raylet()
+        with MemorySampler(lambda: measure(session.children(recursive=True))) as sampler:
             result = raysim.run(raw)
-        finally:
-            done.set()
-            sampler.join()
-        actor_rss = [peak_actors[0]]
-    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    driver_peak = driver_peak_rss()
     ray.shutdown()
     return {
         "population": population,
         "seconds_per_round": float(np.mean(result.round_seconds[warmup:])),
         "driver_peak_rss_gb": driver_peak / 2**30,
-        "workers_rss_gb": sum(actor_rss) / 2**30,
-        "peak_rss_gb": (driver_peak + sum(actor_rss)) / 2**30,
+        "workers_rss_gb": sampler.peak.rss / 2**30,
+        "peak_rss_gb": (driver_peak + sampler.peak.rss) / 2**30,
         "accuracy": result.final_accuracy,
     }
 

@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from raysim.errors import first_line
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
 LORA = ROOT / "scenarios" / "llm_lora_cpu.yaml"
@@ -82,10 +84,7 @@ def check(name: str, ok: bool, detail: str = "") -> bool:
 
 def one_line(err: BaseException) -> str:
     cause = getattr(err, "cause", None)  # a RayTaskError: name the worker's own exception
-    if isinstance(cause, BaseException):
-        err = cause
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    return first_line(cause if isinstance(cause, BaseException) else err, 200)
 
 
 class Timeout(Exception):
@@ -240,7 +239,7 @@ def _timed_worker_class():
                 del block
                 return "ok"
             except torch.cuda.OutOfMemoryError as err:
-                return f"{type(err).__module__}.{type(err).__qualname__}: {str(err).strip().splitlines()[0][:160]}"
+                return f"{type(err).__module__}.{first_line(err, 160)}"
             finally:
                 torch.cuda.empty_cache()
 

@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+import psutil
+
+from rss import MemorySampler, Usage, driver_peak_rss, measure, raylet
 
 
 def scenario(population: int, rounds: int, out: str, kills: bool) -> dict:
@@ -52,35 +54,21 @@ def scenario(population: int, rounds: int, out: str, kills: bool) -> dict:
     return raw
 
 
-def run_sampled(raw: dict, raylet) -> tuple[object, list[tuple[int, float]]]:
-    """Run ``raw``; returns the result and (rounds finished, session RSS in GB) samples."""
-    import psutil
-
+def run_sampled(raw: dict, root: psutil.Process) -> tuple[object, list[tuple[int, float]]]:
+    """Run ``raw``; returns the result and (rounds finished, session RSS in GB) samples: the driver plus
+    every process under ``root``, the session's raylet."""
     import raysim
 
     samples: list[tuple[int, float]] = []
-    done = threading.Event()
     metrics = Path(raw["output"]["dir"]) / raw["name"] / "metrics.jsonl"
+    driver = psutil.Process()
 
-    def sample() -> None:
-        driver = psutil.Process()
-        while not done.wait(0.5):
-            total = driver.memory_info().rss
-            for child in raylet.children(recursive=True):
-                try:
-                    total += child.memory_info().rss
-                except psutil.Error:
-                    pass
-            rounds = len(metrics.read_bytes().splitlines()) if metrics.exists() else 0
-            samples.append((rounds, total / 2**30))
+    def record(usage: Usage) -> None:
+        rounds = len(metrics.read_bytes().splitlines()) if metrics.exists() else 0
+        samples.append((rounds, usage.rss / 2**30))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with MemorySampler(lambda: measure([driver, *root.children(recursive=True)]), on_sample=record):
         result = raysim.run(raw)
-    finally:
-        done.set()
-        sampler.join()
     return result, samples
 
 
@@ -101,22 +89,21 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
-    import psutil
     import ray
 
     from raysim.engine import checkpoint
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    root = raylet()
     reasons: list[str] = []
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        faulty, samples = run_sampled(scenario(args.population, args.rounds, out, kills=True), raylet)
+        faulty, samples = run_sampled(scenario(args.population, args.rounds, out, kills=True), root)
         faulty_seconds = time.perf_counter() - started
         saved = checkpoint.latest(faulty.run_dir)
         kept = sorted(p.name for p in (faulty.run_dir / checkpoint.CHECKPOINTS).glob("round-*"))
         started = time.perf_counter()
-        clean, _ = run_sampled(scenario(args.population, args.rounds, out, kills=False), raylet)
+        clean, _ = run_sampled(scenario(args.population, args.rounds, out, kills=False), root)
         clean_seconds = time.perf_counter() - started
     final = faulty.summary["final"]
     print(f"soak: {args.population} clients, {args.rounds} rounds: {faulty_seconds:.0f}s with worker kills and NaN clients, "
@@ -139,7 +126,7 @@ def main() -> None:
     if failures:
         print(f"seconds_per_worker_death: {(faulty_seconds - clean_seconds) / failures:.1f}")
     print(f"checkpoints kept: {kept}; newest after round {saved.rounds_done if saved else None}")
-    print(json.dumps({"driver_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    print(json.dumps({"driver_peak_rss_gb": driver_peak_rss() / 2**30,
                       "peak_session_rss_gb": max(gb for _, gb in samples)}))
 
     if len(faulty.history) != args.rounds:

@@ -23,24 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
-import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("WANDB_MODE", "disabled")
-
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import ray  # noqa: E402
-
-import raysim  # noqa: E402
+from studylib import local_ray, pyplot, run_once
 
 
-def base(out: str, workers: int) -> dict:
+def base(workers: int) -> dict:
     return {
         "name": "study-async", "seed": 0, "num_clients": 1000,
         "data": {"source": "synthetic", "num_samples": 60_000, "num_features": 32, "num_classes": 10},
@@ -49,7 +37,7 @@ def base(out: str, workers: int) -> dict:
         "training": {"epochs": 2, "batch_size": 32, "lr": 0.1},
         "system": {"speed": {"kind": "lognormal", "mean": 100, "sigma": 1}},
         "executor": {"num_workers": workers, "num_cpus": 1},
-        "tracking": {"progress": False}, "output": {"dir": out, "overwrite": True},
+        "tracking": {"progress": False},
     }
 
 
@@ -82,18 +70,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="docs/studies/async.png")
     args = parser.parse_args()
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     curves: dict[str, list[tuple[float, float]]] = {}
-    with tempfile.TemporaryDirectory() as out:
+    with local_ray(args.workers):
         for name, overrides in methods(args.clients, args.concurrency, args.buffer).items():
-            tick = time.perf_counter()
-            result = raysim.run(base(out, args.workers), overrides=[*overrides, "name=study-async"])
+            result, seconds = run_once(base(args.workers), [*overrides, "name=study-async"])
             curves[name] = [(m["virtual_time"], m["accuracy"]) for m in result.history if "accuracy" in m]
             reached = time_to(args.target, curves[name])
             print(f"{name}: final_accuracy {curves[name][-1][1]:.4f}, virtual_seconds_to_{args.target:g} {reached:.1f}, "
-                  f"virtual_seconds_total {curves[name][-1][0]:.1f}, wall_seconds {time.perf_counter() - tick:.1f}")
-    ray.shutdown()
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+                  f"virtual_seconds_total {curves[name][-1][0]:.1f}, wall_seconds {seconds:.1f}")
+    figure, axes = pyplot().subplots(figsize=(7, 4.5))
     for name, curve in curves.items():
         axes.plot([t for t, _ in curve], [a for _, a in curve], label=name)
     axes.axhline(args.target, color="grey", linestyle=":", linewidth=1, label=f"target {args.target:g}")

@@ -14,7 +14,7 @@ For every method the study reports the final test accuracy (mean ± std over see
 the compression ratio, the accuracy once a fixed upload budget is spent (``--budget`` of FedAvg's
 total) and the upload needed to reach ``--target`` × FedAvg's final accuracy (per seed). It prints
 a Markdown table, writes it to ``<out>/compression.md`` (a hand-written reading below the
-``READING_MARKER`` line is kept) and draws ``<out>/compression.png``: accuracy against cumulative
+reading marker line is kept) and draws ``<out>/compression.png``: accuracy against cumulative
 uploaded bytes, log x. The last line printed is ``compression_study: ...``, the best method by
 bytes to the target.
 
@@ -24,18 +24,13 @@ Usage: OMP_NUM_THREADS=1 python scripts/study_compression.py [--rounds 40] [--se
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import shlex
 import statistics
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from studylib import command_line, local_ray, mean_std, provenance, pyplot, run_once, study_parser, write_report
 
 BASELINE = "none (FedAvg)"
 METHODS: dict[str, dict[str, Any] | None] = {
@@ -48,12 +43,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "quantize 4-bit": {"kind": "quantize", "bits": 4},
     "sign + EF": {"kind": "sign", "error_feedback": True},
 }
-READING_MARKER = "<!-- reading: written by hand; study_compression.py keeps everything below this line -->"
 
 Curve = list[tuple[int, float]]  # (cumulative uploaded bytes, test accuracy) after each round
 
 
-def scenario(out: str, rounds: int, seed: int, compression: dict[str, Any] | None) -> dict[str, Any]:
+def scenario(rounds: int, seed: int, compression: dict[str, Any] | None) -> dict[str, Any]:
     """The study's scenario as a plain mapping; ``compression`` None is uncompressed FedAvg."""
     raw: dict[str, Any] = {
         "name": "study-compression", "seed": seed, "num_clients": 200, "rounds": rounds,
@@ -65,7 +59,6 @@ def scenario(out: str, rounds: int, seed: int, compression: dict[str, Any] | Non
         "strategy": {"name": "fedavg"},
         "executor": {"num_workers": 2, "num_cpus": 1, "clients_per_call": 10},
         "tracking": {"wandb": "disabled", "progress": False},
-        "output": {"dir": out, "overwrite": True},
     }
     if compression is not None:
         raw["compression"] = compression
@@ -74,21 +67,16 @@ def scenario(out: str, rounds: int, seed: int, compression: dict[str, Any] | Non
 
 def run_grid(rounds: int, seeds: list[int]) -> tuple[dict[str, list[Curve]], dict[str, list[float]]]:
     """Per method, one (bytes, accuracy) curve per seed, and the last round's compression ratio per seed."""
-    import raysim
-    from raysim.config import parse_scenario
-
     curves: dict[str, list[Curve]] = {}
     ratios: dict[str, list[float]] = {}
     for seed in seeds:
         for method, compression in METHODS.items():
-            tick = time.perf_counter()
-            with tempfile.TemporaryDirectory() as out:
-                result = raysim.run(parse_scenario(scenario(out, rounds, seed, compression)))
+            result, seconds = run_once(scenario(rounds, seed, compression))
             curve = [(int(h["bytes_up_total"]), float(h["accuracy"])) for h in result.history]
             curves.setdefault(method, []).append(curve)
             ratios.setdefault(method, []).append(float(result.summary["final"]["compression_ratio"]))
             print(f"seed={seed} {method:<16} final={curve[-1][1]:.4f} upload={curve[-1][0] / 1e6:.3f} MB "
-                  f"ratio={ratios[method][-1]:.1f} ({time.perf_counter() - tick:.1f} s)", flush=True)
+                  f"ratio={ratios[method][-1]:.1f} ({seconds:.1f} s)", flush=True)
     return curves, ratios
 
 
@@ -101,10 +89,6 @@ def accuracy_within(curve: Curve, budget: float) -> float | None:
 def bytes_to(curve: Curve, target: float) -> int | None:
     """The cumulative upload when accuracy first reaches ``target`` (None if it never does)."""
     return next((sent for sent, acc in curve if acc >= target), None)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(curves: dict[str, list[Curve]], ratios: dict[str, list[float]], target: float,
@@ -155,11 +139,7 @@ def summarize(curves: dict[str, list[Curve]], ratios: dict[str, list[float]], ta
 
 def plot(curves: dict[str, list[Curve]], target: float, path: Path) -> None:
     """Accuracy against cumulative uploaded bytes (log x), seed 0's curve per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for method, runs in curves.items():
         sent, acc = np.asarray(runs[0]).T
@@ -178,20 +158,15 @@ def plot(curves: dict[str, list[Curve]], target: float, path: Path) -> None:
     plt.close(fig)
 
 
-def setup_text(command: str, rounds: int, seeds: list[int], target: float, budget: float, minutes: float,
-               load: tuple[float, float, float]) -> str:
-    """The header: the command, the date, the machine and the settings, read from the scenario itself."""
+def setup_text(rounds: int, seeds: list[int], target: float, budget: float) -> str:
+    """The settings paragraph, read from the scenario itself."""
     from raysim.config import parse_scenario
 
-    base = parse_scenario(scenario("results", rounds, seeds[0], None))
+    base = parse_scenario(scenario(rounds, seeds[0], None))
     data, training = base.data, base.training
     dim = data.num_features * base.model.hidden[0] + base.model.hidden[0] + base.model.hidden[0] * data.num_classes \
         + data.num_classes
     return (
-        f"Command: `{command}`\n\n"
-        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: a 2-core container "
-        f"shared with other sessions (load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the start); "
-        f"Ray with 2 CPUs, 2 worker actors. The grid took {minutes:.1f} min.\n\n"
         f"Settings: {base.num_clients} clients of the built-in `{data.source}` set ({data.num_samples:,} samples, "
         f"{data.num_features} features, {data.num_classes} classes), Dirichlet α = {base.partition.alpha:g} label "
         f"split, {base.sampling.clients_per_round} clients per round (uniform), MLP {base.model.hidden} "
@@ -207,49 +182,24 @@ def setup_text(command: str, rounds: int, seeds: list[int], target: float, budge
     )
 
 
-def write_report(path: Path, setup: str, results_table: str) -> None:
-    """``compression.md``: the setup and the table, followed by any hand-written reading already there."""
-    reading = "\n"
-    if path.exists() and READING_MARKER in path.read_text(encoding="utf-8"):
-        reading = path.read_text(encoding="utf-8").split(READING_MARKER, 1)[1]
-    path.write_text(
-        "# Compression study: accuracy against uploaded bytes\n\n"
-        f"{setup}\n\n![accuracy against cumulative uploaded bytes](compression.png)\n\n"
-        f"{results_table}\n\n{READING_MARKER}{reading}",
-        encoding="utf-8",
-    )
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--target", type=float, default=0.9, help="target as a share of FedAvg's final accuracy")
     parser.add_argument("--budget", type=float, default=0.1, help="upload budget as a share of FedAvg's total")
-    parser.add_argument("--out", type=Path, default=Path("docs/studies"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["OMP_NUM_THREADS=1", "python", "scripts/study_compression.py", *sys.argv[1:]])
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    import ray
-
-    load = os.getloadavg()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    started = time.perf_counter()
-    try:
+    with local_ray(single_thread=True) as session:
         curves, ratios = run_grid(args.rounds, args.seeds)
-    finally:
-        ray.shutdown()
-    minutes = (time.perf_counter() - started) / 60
     results_table, closing = summarize(curves, ratios, args.target, args.budget)
-    write_report(args.out / "compression.md",
-                 setup_text(command, args.rounds, args.seeds, args.target, args.budget, minutes, load), results_table)
+    setup = f"{provenance(command_line(), session)}\n\n{setup_text(args.rounds, args.seeds, args.target, args.budget)}"
+    write_report(args.out / "compression.md", "# Compression study: accuracy against uploaded bytes\n\n"
+                 f"{setup}\n\n![accuracy against cumulative uploaded bytes](compression.png)\n\n{results_table}",
+                 __file__)
     plot(curves, args.target, args.out / "compression.png")
     print(results_table)
-    print(f"grid_minutes: {minutes:.1f}")
+    print(f"grid_minutes: {session.minutes:.1f}")
     print(closing)
 
 

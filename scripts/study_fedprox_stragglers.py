@@ -12,7 +12,7 @@ pooled held-out 20% of every device's samples, which estimates the global object
 the paper plots. It writes ``<out>/fedprox_stragglers.md`` (both losses and the accuracy every 10
 rounds, averaged over seeds), ``<out>/fedprox_stragglers.json`` (every curve) and
 ``<out>/fedprox_stragglers.png``; ``--replot`` rebuilds them from the JSON without training. A
-hand-written reading below ``READING_MARKER`` of an existing ``.md`` is kept. The last line printed
+hand-written reading below the reading marker of an existing ``.md`` is kept. The last line printed
 is ``fedprox_stragglers_runs: N``.
 
 Usage: python scripts/study_fedprox_stragglers.py [--rounds 100] [--seeds 0] [--out docs/studies] [--replot]
@@ -20,14 +20,12 @@ Usage: python scripts/study_fedprox_stragglers.py [--rounds 100] [--seeds 0] [--
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from studylib import local_ray, pyplot, run_once, study_parser, write_report
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "fedprox_stragglers.yaml"
 METHODS: dict[str, list[str]] = {
@@ -36,28 +34,21 @@ METHODS: dict[str, list[str]] = {
     "FedProx mu=1, keeps stragglers": ["strategy.name=fedprox", "strategy.mu=1", "training.drop_stragglers=false"],
 }
 CURVES = ("loss", "test_loss", "accuracy")
-READING_MARKER = "<!-- reading: written by hand; study_fedprox_stragglers.py keeps everything below this line -->"
 
 
 def run_all(rounds: int, seeds: list[int]) -> dict[str, dict[str, list[list[float]]]]:
     """``curves[method][metric][seed_index]``: one value per round (NaN where a round kept no client)."""
-    import raysim
-
     curves: dict[str, dict[str, list[list[float]]]] = {}
     for method, overrides in METHODS.items():
         for seed in seeds:
-            tick = time.perf_counter()
-            with tempfile.TemporaryDirectory() as out:
-                result = raysim.run(str(SCENARIO), overrides=[
-                    *overrides, f"seed={seed}", f"rounds={rounds}", f"output.dir={out}", "tracking.progress=false",
-                ])
+            result, seconds = run_once(SCENARIO, [*overrides, f"seed={seed}", f"rounds={rounds}"])
             for metric in CURVES:
                 values = [float(h.get(metric, float("nan"))) for h in result.history]
                 curves.setdefault(method, {}).setdefault(metric, []).append(values)
             last = result.history[-1]
             print(f"{method:<31} seed={seed} loss={last.get('loss', float('nan')):.4f} "
                   f"test_loss={last['test_loss']:.4f} accuracy={last['accuracy']:.4f} "
-                  f"({time.perf_counter() - tick:.1f} s)", flush=True)
+                  f"({seconds:.1f} s)", flush=True)
     return curves
 
 
@@ -90,10 +81,7 @@ def table(curves: dict[str, dict[str, list[list[float]]]], rounds: int) -> str:
 
 def plot(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> None:
     """Training loss and test loss against round, the mean over seeds per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.5))
     panels = (("loss", "clients' local training loss"), ("test_loss", "global model, test loss"))
     for (metric, title), ax in zip(panels, axes):
@@ -131,25 +119,10 @@ def setup_text(rounds: int, seeds: list[int], minutes: float | None) -> str:
     )
 
 
-def write_report(path: Path, results_table: str, setup: str) -> None:
-    """``fedprox_stragglers.md``: the setup and the tables, then any hand-written reading already there."""
-    reading = ""
-    if path.exists() and READING_MARKER in path.read_text(encoding="utf-8"):
-        reading = path.read_text(encoding="utf-8").split(READING_MARKER, 1)[1]
-    header = (
-        "# FedProx with 90% stragglers on Synthetic(1,1)\n\n"
-        f"{setup}\n\n![loss curves](fedprox_stragglers.png)\n\n"
-    )
-    path.write_text(header + results_table + "\n\n" + READING_MARKER + reading, encoding="utf-8")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__, replot="fedprox_stragglers.json")
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/studies"))
-    parser.add_argument("--replot", action="store_true",
-                        help="rebuild the tables and plot from <out>/fedprox_stragglers.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "fedprox_stragglers.json"
@@ -158,24 +131,18 @@ def main() -> None:
         record = json.loads(saved.read_text(encoding="utf-8"))
         curves, seeds, minutes = record["curves"], record["seeds"], record.get("minutes")
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("WANDB_MODE", "disabled")
-        import ray
-
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        started = time.perf_counter()
-        try:
+        with local_ray() as session:
             curves = run_all(args.rounds, args.seeds)
-        finally:
-            ray.shutdown()
-        seeds, minutes = args.seeds, (time.perf_counter() - started) / 60
+        seeds, minutes = args.seeds, session.minutes
         rounded = {m: {k: [[round(v, 5) for v in run] for run in runs] for k, runs in by.items()}
                    for m, by in curves.items()}
         record = {"seeds": seeds, "minutes": round(minutes, 2), "curves": rounded}
         saved.write_text(json.dumps(record) + "\n", encoding="utf-8")
     rounds = len(next(iter(curves.values()))["loss"][0])
     results_table = table(curves, rounds)
-    write_report(args.out / "fedprox_stragglers.md", results_table, setup_text(rounds, seeds, minutes))
+    write_report(args.out / "fedprox_stragglers.md", "# FedProx with 90% stragglers on Synthetic(1,1)\n\n"
+                 f"{setup_text(rounds, seeds, minutes)}\n\n![loss curves](fedprox_stragglers.png)\n\n{results_table}",
+                 __file__)
     plot(curves, args.out / "fedprox_stragglers.png")
     print(results_table)
     print(f"fedprox_stragglers_runs: {sum(len(by['loss']) for by in curves.values())}")

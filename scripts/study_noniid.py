@@ -11,7 +11,7 @@ deviation over seeds) and the first round at which accuracy reaches ``--target``
 that reach it, with how many did). It prints a Markdown table, writes it to ``<out>/noniid.md`` with
 the accuracy curves in ``<out>/noniid.json``, and draws ``<out>/noniid.png`` (accuracy against round,
 one panel per alpha, mean over seeds). ``--replot`` rebuilds the table and plot from the saved curves
-without training. A hand-written reading below the ``READING_MARKER`` line of an existing
+without training. A hand-written reading below the reading marker line of an existing
 ``noniid.md`` is kept. The last line printed is ``noniid_study_runs: N``.
 
 Usage: python scripts/study_noniid.py [--rounds 50] [--seeds 0 1 2] [--target 0.9] [--out docs/studies] [--replot]
@@ -19,15 +19,13 @@ Usage: python scripts/study_noniid.py [--rounds 50] [--seeds 0 1 2] [--target 0.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from studylib import local_ray, mean_std, pyplot, run_once, study_parser, write_report
 
 BASE = Path(__file__).resolve().parent.parent / "scenarios" / "noniid_study.yaml"
 ALPHAS = (0.05, 0.5, 100.0)
@@ -38,37 +36,26 @@ METHODS: dict[str, list[str]] = {
     "FedProx mu=1": ["strategy.name=fedprox", "strategy.mu=1"],
     "SCAFFOLD": ["strategy.name=scaffold"],
 }
-READING_MARKER = "<!-- reading: written by hand; study_noniid.py keeps everything below this line -->"
 
 
 def run_grid(rounds: int, seeds: list[int]) -> dict[str, dict[str, list[list[float]]]]:
     """Accuracy curves ``curves[alpha][method][seed_index]``, one run per cell of the grid."""
-    import raysim
-
     curves: dict[str, dict[str, list[list[float]]]] = {}
     for alpha in ALPHAS:
         for method, overrides in METHODS.items():
             for seed in seeds:
-                tick = time.perf_counter()
-                with tempfile.TemporaryDirectory() as out:
-                    result = raysim.run(str(BASE), overrides=[
-                        *overrides, f"partition.alpha={alpha}", f"seed={seed}", f"rounds={rounds}",
-                        f"output.dir={out}", "tracking.progress=false",
-                    ])
+                result, seconds = run_once(BASE, [*overrides, f"partition.alpha={alpha}", f"seed={seed}",
+                                                  f"rounds={rounds}"])
                 accuracy = [float(h["accuracy"]) for h in result.history]
                 curves.setdefault(f"{alpha:g}", {}).setdefault(method, []).append(accuracy)
                 print(f"alpha={alpha:g} {method:<16} seed={seed} final={accuracy[-1]:.4f} "
-                      f"({time.perf_counter() - tick:.1f} s)", flush=True)
+                      f"({seconds:.1f} s)", flush=True)
     return curves
 
 
 def rounds_to_target(curve: list[float], target: float) -> int | None:
     """The first round (1-based) whose accuracy is at least ``target``, or None if none is."""
     return next((r + 1 for r, acc in enumerate(curve) if acc >= target), None)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def table(curves: dict[str, dict[str, list[list[float]]]], target: float) -> str:
@@ -88,10 +75,7 @@ def table(curves: dict[str, dict[str, list[list[float]]]], target: float) -> str
 
 def plot(curves: dict[str, dict[str, list[list[float]]]], target: float, path: Path) -> None:
     """Accuracy against round, one panel per alpha, the mean over seeds per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), sharey=True)
     for ax, (alpha, by_method) in zip(np.atleast_1d(axes), curves.items()):
         for method, runs in by_method.items():
@@ -130,25 +114,11 @@ def setup_text(rounds: int, seeds: list[int], target: float, minutes: float | No
     )
 
 
-def write_report(path: Path, results_table: str, setup: str) -> None:
-    """``noniid.md``: the setup and the table, followed by any hand-written reading already there."""
-    reading = ""
-    if path.exists() and READING_MARKER in path.read_text(encoding="utf-8"):
-        reading = path.read_text(encoding="utf-8").split(READING_MARKER, 1)[1]
-    header = (
-        "# Non-IID study: FedAvg, FedProx and SCAFFOLD under Dirichlet label skew\n\n"
-        f"{setup}\n\n![accuracy against round](noniid.png)\n\n"
-    )
-    path.write_text(header + results_table + "\n\n" + READING_MARKER + reading, encoding="utf-8")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__, replot="noniid.json")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--target", type=float, default=0.9, help="accuracy target for rounds-to-target")
-    parser.add_argument("--out", type=Path, default=Path("docs/studies"))
-    parser.add_argument("--replot", action="store_true", help="rebuild the table and plot from <out>/noniid.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "noniid.json"
@@ -157,24 +127,18 @@ def main() -> None:
         record = json.loads(saved.read_text(encoding="utf-8"))
         curves, seeds, minutes = record["accuracy"], record["seeds"], record.get("minutes")
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("WANDB_MODE", "disabled")
-        import ray
-
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        started = time.perf_counter()
-        try:
+        with local_ray() as session:
             curves = run_grid(args.rounds, args.seeds)
-        finally:
-            ray.shutdown()
-        seeds, minutes = args.seeds, (time.perf_counter() - started) / 60
+        seeds, minutes = args.seeds, session.minutes
         rounded = {a: {m: [[round(v, 4) for v in run] for run in runs] for m, runs in by.items()}
                    for a, by in curves.items()}
         record = {"seeds": seeds, "minutes": round(minutes, 2), "accuracy": rounded}
         saved.write_text(json.dumps(record) + "\n", encoding="utf-8")
     rounds = len(next(iter(next(iter(curves.values())).values()))[0])
     results_table = table(curves, args.target)
-    write_report(args.out / "noniid.md", results_table, setup_text(rounds, seeds, args.target, minutes))
+    setup = setup_text(rounds, seeds, args.target, minutes)
+    write_report(args.out / "noniid.md", f"# Non-IID study: FedAvg, FedProx and SCAFFOLD under Dirichlet label skew\n\n"
+                 f"{setup}\n\n![accuracy against round](noniid.png)\n\n{results_table}", __file__)
     plot(curves, args.target, args.out / "noniid.png")
     print(results_table)
     if minutes is not None:

@@ -21,7 +21,7 @@ sample-level, per client (the worst client's), and the two are not comparable gu
 It prints a Markdown table, writes it to ``<out>/privacy.md`` with the results in
 ``<out>/privacy.json``, and draws ``<out>/privacy.png`` (accuracy against ε, one line per mechanism).
 ``--replot`` rebuilds the table and plot from the saved results without training. A hand-written
-reading below the ``READING_MARKER`` line of an existing ``privacy.md`` is kept. The last line printed
+reading below the reading marker line of an existing ``privacy.md`` is kept. The last line printed
 is ``privacy_study_runs: N``.
 
 Usage: python scripts/study_privacy.py [--rounds 50] [--z 0.5 1 2 4 8] [--z-local 0.5 1 2 4]
@@ -30,14 +30,12 @@ Usage: python scripts/study_privacy.py [--rounds 50] [--z 0.5 1 2 4 8] [--z-loca
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from studylib import local_ray, pyplot, run_once, study_parser, write_report
 
 DELTA = 1e-5
 SAMPLE_RATE = 0.01
@@ -50,11 +48,10 @@ SETTING: dict[str, Any] = {
     "training": {"epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.1},
     "strategy": {"name": "fedavg"},
     "executor": {"num_workers": 2, "num_cpus": 1, "clients_per_call": 10},
-    "tracking": {"progress": False},
+    "tracking": {"progress": False, "wandb": "disabled"},
 }
 FEDAVG, CLIP_ONLY = "FedAvg (no privacy)", "central, clipping only (z = 0)"
 FIXED, ADAPTIVE, LOCAL = "central, fixed clip", "central, adaptive clip", "local DP-SGD"
-READING_MARKER = "<!-- reading: written by hand; study_privacy.py keeps everything below this line -->"
 
 
 def grid(z_central: list[float], z_local: list[float], clip: float,
@@ -88,20 +85,9 @@ def prv_epsilon(z: float, rounds: int) -> float:
 def run_study(rounds: int, z_central: list[float], z_local: list[float], clip: float,
               local_clip: float) -> list[dict[str, Any]]:
     """One row per run: the mechanism, z, the clip, ε and the final central test accuracy."""
-    import ray
-
-    import raysim
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["WANDB_MODE"] = "disabled"
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     for mechanism, z, overrides in grid(z_central, z_local, clip, local_clip):
-        tick = time.perf_counter()
-        with tempfile.TemporaryDirectory() as out:
-            result = raysim.run(SETTING, overrides=[*overrides, f"rounds={rounds}", f"evaluation.every={max(rounds // 5, 1)}",
-                                                    f"output.dir={out}"])
+        result, seconds = run_once(SETTING, [*overrides, f"rounds={rounds}", f"evaluation.every={max(rounds // 5, 1)}"])
         last = result.history[-1]
         tail = [m["dp_unclipped_fraction"] for m in result.history[-10:] if "dp_unclipped_fraction" in m]
         row = {
@@ -110,7 +96,7 @@ def run_study(rounds: int, z_central: list[float], z_local: list[float], clip: f
             "clip": local_clip if mechanism == LOCAL else last.get("dp_clip_norm"),
             "unclipped": sum(tail) / len(tail) if tail else None,
             "clients_per_round": sum(m["clients"] for m in result.history) / len(result.history),
-            "seconds": time.perf_counter() - tick,
+            "seconds": seconds,
         }
         if mechanism in (FIXED, ADAPTIVE, CLIP_ONLY):
             row["epsilon_prv"] = prv_epsilon(z, row["rounds"])
@@ -148,10 +134,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Accuracy against final ε (log scale): one line per DP mechanism, the references as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     styles = {FIXED: ("o-", "C0"), ADAPTIVE: ("s-", "C1"), LOCAL: ("^--", "C3")}
     for mechanism, (style, color) in styles.items():
@@ -197,27 +180,13 @@ def setup_text(rounds: int, clip: float, local_clip: float, minutes: float | Non
     )
 
 
-def write_report(path: Path, results_table: str, setup: str) -> None:
-    """``privacy.md``: the setup and the table, followed by any hand-written reading already there."""
-    reading = ""
-    if path.exists() and READING_MARKER in path.read_text(encoding="utf-8"):
-        reading = path.read_text(encoding="utf-8").split(READING_MARKER, 1)[1]
-    header = (
-        "# Privacy study: accuracy against ε for central DP-FedAvg and local DP-SGD\n\n"
-        f"{setup}\n\n![accuracy against epsilon](privacy.png)\n\n"
-    )
-    path.write_text(header + results_table + "\n\n" + READING_MARKER + reading, encoding="utf-8")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__, replot="privacy.json")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--z", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0], help="central noise multipliers")
     parser.add_argument("--z-local", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="DP-SGD noise multipliers")
     parser.add_argument("--clip", type=float, default=0.3, help="the fixed clip S of central DP-FedAvg")
     parser.add_argument("--local-clip", type=float, default=5.0, help="DP-SGD's per-example clip (max_grad_norm)")
-    parser.add_argument("--out", type=Path, default=Path("docs/studies"))
-    parser.add_argument("--replot", action="store_true", help="rebuild the table and plot from <out>/privacy.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "privacy.json"
@@ -226,14 +195,16 @@ def main() -> None:
         rows, rounds, minutes = stored["rows"], stored["rounds"], stored.get("minutes")
         clip, local_clip = stored["clip"], stored["local_clip"]
     else:
-        started = time.perf_counter()
-        rows = run_study(args.rounds, args.z, args.z_local, args.clip, args.local_clip)
-        rounds, clip, local_clip, minutes = args.rounds, args.clip, args.local_clip, (time.perf_counter() - started) / 60
+        with local_ray() as session:
+            rows = run_study(args.rounds, args.z, args.z_local, args.clip, args.local_clip)
+        rounds, clip, local_clip, minutes = args.rounds, args.clip, args.local_clip, session.minutes
         saved.write_text(json.dumps({"rounds": rounds, "clip": clip, "local_clip": local_clip, "minutes": minutes,
                                      "rows": rows}, indent=1), encoding="utf-8")
     results_table = table(rows)
     print(results_table)
-    write_report(args.out / "privacy.md", results_table, setup_text(rounds, clip, local_clip, minutes, rows))
+    setup = setup_text(rounds, clip, local_clip, minutes, rows)
+    write_report(args.out / "privacy.md", "# Privacy study: accuracy against ε for central DP-FedAvg and local DP-SGD\n\n"
+                 f"{setup}\n\n![accuracy against epsilon](privacy.png)\n\n{results_table}", __file__)
     plot(rows, args.out / "privacy.png")
     print(f"privacy_study_runs: {len(rows)}")
 

@@ -19,7 +19,7 @@ client is malicious, so training is that of a run with no adversary block). A ru
 turns NaN/Inf stops with the engine's ScenarioError and is shown as "diverged".
 
 The study prints one Markdown table per attack (rows: rules; columns: attacker fraction), writes
-them to ``<out>/robustness.md`` (a hand-written reading below the ``READING_MARKER`` line is kept),
+them to ``<out>/robustness.md`` (a hand-written reading below the reading marker line is kept),
 and ends with ``robustness_study_runs: N``.
 
 Usage: OMP_NUM_THREADS=1 python scripts/study_robustness.py [--rounds 25] [--seed 0] [--sign-scale 10]
@@ -28,15 +28,10 @@ Usage: OMP_NUM_THREADS=1 python scripts/study_robustness.py [--rounds 25] [--see
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import shlex
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
+
+from studylib import command_line, local_ray, provenance, run_once, study_parser, write_report
 
 CLIENTS_PER_ROUND = 30
 FRACTIONS = (0.0, 0.1, 0.3)
@@ -44,7 +39,6 @@ RULES = ("mean", "median", "trimmed_mean", "krum")
 RULE_NAMES = {"mean": "FedAvg (mean)", "median": "median", "trimmed_mean": "trimmed mean (β = fraction)",
               "krum": "Krum (f = expected attackers)"}
 ATTACKS = ("sign_flip", "scaling", "noise", "label_flip", "backdoor")
-READING_MARKER = "<!-- reading: written by hand; study_robustness.py keeps everything below this line -->"
 
 Cell = dict[str, Any]  # accuracy, backdoor accuracy, malicious clients per round (mean, max), or error
 
@@ -58,8 +52,7 @@ def aggregation(rule: str, fraction: float) -> dict[str, Any]:
     return {"rule": rule}
 
 
-def scenario(out: str, rounds: int, seed: int, rule: str, fraction: float, attack: str,
-             sign_scale: float) -> dict[str, Any]:
+def scenario(rounds: int, seed: int, rule: str, fraction: float, attack: str, sign_scale: float) -> dict[str, Any]:
     """The study's scenario as a plain mapping."""
     adversary: dict[str, Any] = {"fraction": fraction, "attack": attack}
     if attack == "sign_flip":
@@ -80,22 +73,17 @@ def scenario(out: str, rounds: int, seed: int, rule: str, fraction: float, attac
         "adversary": adversary,
         "executor": {"num_workers": 2, "num_cpus": 1, "clients_per_call": 15},
         "tracking": {"wandb": "disabled", "progress": False},
-        "output": {"dir": out, "overwrite": True},
     }
 
 
 def run_one(rounds: int, seed: int, rule: str, fraction: float, attack: str, sign_scale: float) -> Cell:
     """One run's final metrics, or the engine's error message."""
-    import raysim
-    from raysim.config import parse_scenario
     from raysim.errors import ScenarioError
 
-    with tempfile.TemporaryDirectory() as out:
-        raw = scenario(out, rounds, seed, rule, fraction, attack, sign_scale)
-        try:
-            result = raysim.run(parse_scenario(raw))
-        except ScenarioError as err:
-            return {"error": str(err)}
+    try:
+        result, _ = run_once(scenario(rounds, seed, rule, fraction, attack, sign_scale))
+    except ScenarioError as err:
+        return {"error": str(err)}
     final = result.summary["final"]
     malicious = [int(h.get("malicious", 0)) for h in result.history]
     return {"accuracy": float(final["accuracy"]), "backdoor": final.get("backdoor_accuracy"),
@@ -172,18 +160,13 @@ def attackers_text(cells: dict[str, dict[str, dict[float, Cell]]]) -> str:
     return "Malicious clients among the 30 of a round, " + "; ".join(parts) + "." if parts else ""
 
 
-def setup_text(command: str, rounds: int, seed: int, sign_scale: float, minutes: float,
-               load: tuple[float, float, float]) -> str:
-    """The header: the command, the date, the machine and the settings, read from the scenario itself."""
+def setup_text(rounds: int, seed: int, sign_scale: float) -> str:
+    """The settings paragraph, read from the scenario itself."""
     from raysim.config import parse_scenario
 
-    base = parse_scenario(scenario("results", rounds, seed, "mean", 0.1, "sign_flip", sign_scale))
+    base = parse_scenario(scenario(rounds, seed, "mean", 0.1, "sign_flip", sign_scale))
     data, training = base.data, base.training
     return (
-        f"Command: `{command}`\n\n"
-        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: a 2-core container "
-        f"shared with other sessions (load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the start); "
-        f"Ray with 2 CPUs, 2 worker actors. The grid took {minutes:.1f} min.\n\n"
         f"Settings: {base.num_clients} clients of the built-in `{data.source}` set ({data.num_samples:,} samples, "
         f"{data.num_features} features, {data.num_classes} classes), Dirichlet α = {base.partition.alpha:g} label "
         f"split, {CLIENTS_PER_ROUND} clients per round (uniform), MLP {base.model.hidden}, {rounds} rounds of "
@@ -200,44 +183,22 @@ def setup_text(command: str, rounds: int, seed: int, sign_scale: float, minutes:
     )
 
 
-def write_report(path: Path, setup: str, body: str) -> None:
-    """``robustness.md``: the setup and the tables, followed by any hand-written reading already there."""
-    reading = "\n"
-    if path.exists() and READING_MARKER in path.read_text(encoding="utf-8"):
-        reading = path.read_text(encoding="utf-8").split(READING_MARKER, 1)[1]
-    title = "# Robustness study: aggregation rules under attack"
-    path.write_text(f"{title}\n\n{setup}\n\n{body}\n\n{READING_MARKER}{reading}", encoding="utf-8")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sign-scale", type=float, default=10.0, help="s in the sign_flip attack Δ ← −s·Δ")
-    parser.add_argument("--out", type=Path, default=Path("docs/studies"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["OMP_NUM_THREADS=1", "python", "scripts/study_robustness.py", *sys.argv[1:]])
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    import ray
-
-    load = os.getloadavg()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    started = time.perf_counter()
-    try:
+    with local_ray(single_thread=True) as session:
         cells = run_grid(args.rounds, args.seed, args.sign_scale)
-    finally:
-        ray.shutdown()
-    minutes = (time.perf_counter() - started) / 60
     body = "\n\n".join(part for part in (tables(cells, args.sign_scale), attackers_text(cells), errors_text(cells))
                        if part)
-    setup = setup_text(command, args.rounds, args.seed, args.sign_scale, minutes, load)
-    write_report(args.out / "robustness.md", setup, body)
+    setup = f"{provenance(command_line(), session)}\n\n{setup_text(args.rounds, args.seed, args.sign_scale)}"
+    write_report(args.out / "robustness.md", f"# Robustness study: aggregation rules under attack\n\n{setup}\n\n{body}",
+                 __file__)
     print(body)
-    print(f"grid_minutes: {minutes:.1f}")
+    print(f"grid_minutes: {session.minutes:.1f}")
     print(f"robustness_study_runs: {len(RULES) * (1 + len(ATTACKS) * (len(FRACTIONS) - 1))}")
 
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from raysim.atomic import fsync_path, write_atomic
 from raysim.errors import ScenarioError
 
 _ROWS_FILE = "rows.f32"
@@ -273,17 +274,9 @@ class DiskStateStore(ClientStateStore):
 
     def flush(self) -> None:
         """Make the rows durable and write the index beside them (atomically)."""
-        fd = os.open(self._rows_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp = self.path / (_INDEX_FILE + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, client_ids=self._ids, rows=self._rows, dim=np.int64(self.dim))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._index_path)
+        fsync_path(self._rows_path)
+        write_atomic(self._index_path,
+                     lambda f: np.savez(f, client_ids=self._ids, rows=self._rows, dim=np.int64(self.dim)))
 
     def state_dict(self) -> dict[str, Any]:
         self.flush()

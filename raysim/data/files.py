@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from raysim.data.sources import ArrayDataset, held_out
-from raysim.errors import ScenarioError
+from raysim.errors import ScenarioError, first_line
 
 _TABLE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 _NUMERIC_KINDS = "biuf"
@@ -74,7 +74,7 @@ def _read_npz(path: str, field: str) -> dict[str, np.ndarray]:
             found = list(archive.files)
     except Exception as exc:  # zipfile, zlib and numpy each raise their own error on a damaged file
         raise ScenarioError(
-            f"{field}: cannot read {path} as .npz ({_first_line(exc)}); "
+            f"{field}: cannot read {path} as .npz ({first_line(_root_cause(exc))}); "
             "the file may be truncated or corrupt, re-save it with numpy.savez"
         ) from None
     for name in ("x", "y"):
@@ -96,7 +96,7 @@ def _read_table(path: str, field: str, cache: str):
         except Exception as exc:
             raise ScenarioError(
                 f"{field}: {path} is a folder but not one written by datasets' save_to_disk "
-                f"({_first_line(exc)}); point it at a data file or a save_to_disk folder"
+                f"({first_line(_root_cause(exc))}); point it at a data file or a save_to_disk folder"
             ) from None
         if isinstance(loaded, datasets.Dataset):
             return loaded, None
@@ -126,7 +126,7 @@ def _read_table(path: str, field: str, cache: str):
         )
     except Exception as exc:  # pyarrow, json and datasets each raise their own error on a bad file
         raise ScenarioError(
-            f"{field}: cannot read {path} as {builder} ({_first_line(exc)}); "
+            f"{field}: cannot read {path} as {builder} ({first_line(_root_cause(exc))}); "
             "check that the file is complete and well formed"
         ) from None
     return table, None
@@ -330,8 +330,8 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of the root cause's message (datasets wraps parser errors in its own)."""
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost ``__cause__`` of ``exc``: datasets wraps parser errors in its own."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    return exc

@@ -34,7 +34,7 @@ import numpy as np
 from raysim.config import Scenario
 from raysim.data.files import MAX_CLASSES
 from raysim.data.sources import ArrayDataset, held_out
-from raysim.errors import ScenarioError
+from raysim.errors import ScenarioError, first_line
 from raysim.models.tokenizer import Tokenizer, build_tokenizer
 
 GENRES = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
@@ -279,7 +279,7 @@ def _read(path: str, field: str) -> tuple[Any, Any]:
                 return datasets.load_dataset(builders[suffix], data_files={"train": os.path.abspath(path)},
                                              split="train", keep_in_memory=True), None
             except Exception as err:
-                raise ScenarioError(f"{field}: cannot read {path} as {builders[suffix]} ({_first_line(err)}); "
+                raise ScenarioError(f"{field}: cannot read {path} as {builders[suffix]} ({first_line(err)}); "
                                     "check that the file is complete and well formed") from None
         if offline_mode() or not hub_reachable():
             raise ScenarioError(f"{field}: '{path}' is not a .jsonl, .json, .csv, .parquet or .txt file and the Hub "
@@ -287,7 +287,7 @@ def _read(path: str, field: str) -> tuple[Any, Any]:
         try:
             loaded = datasets.load_dataset(path)
         except Exception as err:
-            raise ScenarioError(f"{field}: cannot load the Hub dataset '{path}' ({_first_line(err)}); check the name") from None
+            raise ScenarioError(f"{field}: cannot load the Hub dataset '{path}' ({first_line(err)}); check the name") from None
     if "train" not in loaded:
         raise ScenarioError(f"{field}: the Hub dataset '{path}' has no train split (splits: {', '.join(loaded)})")
     return loaded["train"], loaded.get("test")
@@ -303,8 +303,3 @@ def _paragraphs(text: str) -> Iterator[list[str]]:
             block = []
     if block:
         yield block
-
-
-def _first_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip()
-    return text.splitlines()[0]

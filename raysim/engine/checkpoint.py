@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raysim.atomic import fsync_path, write_atomic
 from raysim.errors import ScenarioError
-from raysim.tracking import write_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -43,14 +43,6 @@ class Checkpoint:
             return pickle.load(handle)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(run_dir: Path, rounds_done: int, state: dict[str, Any], *, store_dir: Path | None, keep: int) -> Checkpoint:
     """Write the checkpoint of ``rounds_done`` finished rounds; returns it once it is durable."""
     root = run_dir / CHECKPOINTS
@@ -59,22 +51,19 @@ def save(run_dir: Path, rounds_done: int, state: dict[str, Any], *, store_dir: P
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as handle:
-        pickle.dump(state, handle, protocol=pickle.HIGHEST_PROTOCOL)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_atomic(tmp / STATE_FILE, lambda handle: pickle.dump(state, handle, protocol=pickle.HIGHEST_PROTOCOL))
     if store_dir is not None and store_dir.is_dir():
         copy = tmp / STORE_DIR
         shutil.copytree(store_dir, copy)
         for path in copy.iterdir():
-            _fsync_file(path)
-        _fsync_file(copy)
-    _fsync_file(tmp)
+            fsync_path(path)
+        fsync_path(copy)
+    fsync_path(tmp)
     target = root / name
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
-    _fsync_file(root)
+    fsync_path(root)
     write_atomic(root / LATEST, name + "\n")
     for old in sorted(p for p in root.glob("round-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

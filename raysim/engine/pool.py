@@ -20,7 +20,7 @@ import ray
 
 from raysim.config import Scenario
 from raysim.engine.worker import ClientWorker
-from raysim.errors import ScenarioError
+from raysim.errors import ScenarioError, first_line
 
 WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
                ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
@@ -51,10 +51,9 @@ class WorkerFailures:
             self.count += 1
             retries = 0
             if self.count > self.budget:
-                cause = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
                 raise ScenarioError(
                     f"executor.max_worker_failures: {self.count} worker failures exceed the budget of {self.budget} "
-                    f"(last: {type(err).__name__}: {cause}); fix the cause or raise the budget, then resume "
+                    f"(last: {first_line(err, 160)}); fix the cause or raise the budget, then resume "
                     "from the last checkpoint"
                 )
         if position >= 0:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from raysim.config import ModelConfig, path_exists
-from raysim.errors import ScenarioError, shown_text
+from raysim.errors import ScenarioError, first_line, shown_text
 from raysim.models.tokenizer import BOS, EOS, PAD, model_vocab_size
 
 _FIELD = "model.name_or_path"
@@ -112,7 +112,7 @@ def from_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
         try:
             return loader.from_pretrained(str(local), **kwargs)
         except Exception as err:
-            raise ScenarioError(f"{_FIELD}: cannot load {name} ({_first_line(err)}); point it at a folder "
+            raise ScenarioError(f"{_FIELD}: cannot load {name} ({first_line(err)}); point it at a folder "
                                 "written by save_pretrained") from None
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
         raise ScenarioError(f"{_FIELD}: no such folder: {name}; check the path")
@@ -127,7 +127,7 @@ def from_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(name_or_path, **kwargs)
     except Exception as err:
-        raise ScenarioError(f"{_FIELD}: cannot load '{name}' from the Hub ({_first_line(err)}); check the "
+        raise ScenarioError(f"{_FIELD}: cannot load '{name}' from the Hub ({first_line(err)}); check the "
                             "name, or set it to a local checkpoint path") from None
 
 
@@ -219,7 +219,7 @@ def _with_lora(base: nn.Module, config: ModelConfig) -> nn.Module:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
         problem = "not found in" if lora.target_modules else "peft has no default target modules for"
         raise ScenarioError(f"model.lora.target_modules: {lora.target_modules or 'null'}: {problem} "
-                            f"{type(base).__name__} ({_first_line(err)}); its linear layers are: "
+                            f"{type(base).__name__} ({first_line(err)}); its linear layers are: "
                             f"{', '.join(linear)}, or use all-linear") from None
     if config.lora_aggregation == "ffa":
         for name, param in model.named_parameters():
@@ -254,8 +254,3 @@ def _quiet_transformers() -> Iterator[None]:
         logging.set_verbosity(verbosity)
         if bars:
             logging.enable_progress_bar()
-
-
-def _first_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip()
-    return text.splitlines()[0] if text else type(err).__name__
