@@ -37,9 +37,10 @@ from typing import Any
 
 import psutil
 
-from raysim.config import Scenario, _check_known_path, _safe_yaml, apply_overrides, parse_scenario
+from raysim.config import Scenario, apply_overrides, check_known_path, safe_yaml
+from raysim.engine.validation import parse_and_validate
 from raysim.errors import ScenarioError
-from raysim.tracking import write_atomic
+from raysim.atomic import write_atomic
 
 MAX_RUNS = 1_000  # a grid larger than this is a typo, not a study one machine can run
 _STUDY_KEYS = {"name", "base", "set", "grid", "output"}
@@ -74,7 +75,7 @@ class PlannedRun:
 
 def read_mapping(path: Path) -> dict[str, Any]:
     """A YAML file's top-level mapping, read with the scenario loader's safety limits."""
-    raw = _safe_yaml(path.read_text(encoding="utf-8"), str(path))
+    raw = safe_yaml(path.read_text(encoding="utf-8"), str(path))
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: must hold a YAML mapping of keys to values")
     return raw
@@ -105,7 +106,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     if not isinstance(settings, dict):
         raise ScenarioError("set: must map key paths to values, e.g. rounds: 20")
     for key in settings:
-        _check_known_path([k for k in str(key).split(".") if k], f"set.{key}")
+        check_known_path([k for k in str(key).split(".") if k], f"set.{key}")
     changes = [f"{key}={_json(value, f'set.{key}')}" for key, value in settings.items()]
     base = apply_overrides(_base_mapping(raw.get("base"), path.parent), changes + list(overrides or []))
     grid = raw.get("grid") or {}
@@ -119,7 +120,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
 def _axis(key: str, values: Any) -> Axis:
     paths = tuple(part.strip() for part in key.split(","))
     for path in paths:
-        _check_known_path([k for k in path.split(".") if k], f"grid.{path}")
+        check_known_path([k for k in path.split(".") if k], f"grid.{path}")
         if path in _RESERVED:
             raise ScenarioError(f"grid.{path}: cannot be swept; {_RESERVED[path]}")
     if not isinstance(values, list) or not values:
@@ -181,7 +182,7 @@ def plan(study: Study) -> list[PlannedRun]:
         settings += [f"name={json.dumps(name)}", f"output.dir={json.dumps(str(study.folder))}",
                      f"tracking.group={json.dumps(study.name)}"]
         try:
-            scenario = parse_scenario(apply_overrides(study.base, settings))
+            scenario = parse_and_validate(apply_overrides(study.base, settings))
         except ScenarioError as err:
             raise ScenarioError(f"{name}: {err}") from None
         runs.append(PlannedRun(values=values, scenario=scenario))
@@ -225,9 +226,7 @@ class PeakMemory:
 
 def run_study(study: Study, runs: list[PlannedRun], address: str | None = None) -> list[dict[str, Any]]:
     """Run ``runs`` one after another on one Ray connection; returns the study's rows."""
-    import ray
-
-    from raysim.engine.cluster import connect, plan_workers
+    from raysim.engine.cluster import available_workers, connect, disconnect
     from raysim.engine.runner import execute
 
     rows: list[dict[str, Any]] = []
@@ -235,7 +234,7 @@ def run_study(study: Study, runs: list[PlannedRun], address: str | None = None) 
     try:
         for planned in runs:  # resources too are checked for every run before the first one starts
             try:
-                plan_workers(planned.scenario.executor, ray.cluster_resources())
+                available_workers(planned.scenario.executor)
             except ScenarioError as err:
                 raise ScenarioError(f"{planned.scenario.name}: {err}") from None
         study.folder.mkdir(parents=True, exist_ok=True)
@@ -253,7 +252,7 @@ def run_study(study: Study, runs: list[PlannedRun], address: str | None = None) 
             write_tables(study, rows)
     finally:
         if owns_ray:
-            ray.shutdown()
+            disconnect()
     return rows
 
 

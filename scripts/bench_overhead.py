@@ -26,7 +26,8 @@ import raysim  # noqa: E402
 from raysim.config import parse_scenario  # noqa: E402
 from raysim.data.load import load_data, partition_data  # noqa: E402
 from raysim.engine.sampling import sample_clients  # noqa: E402
-from raysim.engine.server import initial_global, local_epochs  # noqa: E402
+from raysim.engine.core import initial_global  # noqa: E402
+from raysim.engine.server import local_epochs  # noqa: E402
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan  # noqa: E402
 from raysim.strategies import Aggregate, make_strategy  # noqa: E402
 
@@ -60,7 +61,7 @@ def loop_seconds_per_round(raw: dict, warmup: int) -> tuple[float, int]:
         chunk = worker.train(global_vec, None, r, RoundPlan(), 0, ClientBatch(ids, local_epochs(config, ids, r)))
         global_vec = strategy.apply(global_vec, Aggregate((chunk.delta_sum / chunk.weight_sum).astype(np.float32), chunk.weight_sum, len(ids)))
         times.append(time.perf_counter() - tick)
-    return float(np.mean(times[warmup:])), worker.flat.size
+    return float(np.mean(times[warmup:])), worker.runtime.flat.size
 
 
 def main() -> None:

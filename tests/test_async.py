@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import raysim
+from raysim.compression import dense_bytes
 from raysim.config import apply_overrides, parse_scenario
 from raysim.data.load import load_data, partition_data
 from raysim.engine.async_schedule import AsyncSchedule
@@ -199,3 +200,19 @@ def test_sync_rounds_over_select_keep_the_first_k_and_report_virtual_time(ray_se
     for m in result.history:
         assert m["clients"] == 26 and m["kept"] == 20 and m["virtual_seconds"] > 0
     assert np.allclose(np.cumsum([m["virtual_seconds"] for m in result.history]), times)
+
+
+def test_async_steps_report_the_same_per_update_metrics_as_rounds(ray_session, tmp_path):
+    """An adversary and a norm bound in FedBuff: every step reports malicious, norm_bounded, rejected and bytes."""
+    raw = _tiny(tmp_path)
+    over = [*SYSTEM, *ASYNC["fedbuff"], "rounds=4", "executor.num_workers=1", "adversary.fraction=0.5",
+            "aggregation.norm_bound=1e-6", "name=async-metrics"]
+    result = raysim.run(raw, overrides=over)
+    dense = dense_bytes(result.global_vector.size)  # an uncompressed update: its float32 words and a header
+    for step in result.history:
+        assert step["norm_bounded"] == step["kept"] > 0  # every update is longer than 1e-6, and is clipped to it
+        assert step["rejected"] == 0 and step["bytes_up"] == dense * step["kept"]
+        assert step["bytes_down"] == dense * step["clients"]
+    malicious = sum(step["malicious"] for step in result.history)
+    assert 0 < malicious < sum(step["clients"] for step in result.history)
+    assert result.history[-1]["bytes_up_total"] == dense * sum(step["kept"] for step in result.history)

@@ -65,7 +65,7 @@ def make_server(tiny_scenario):
 
 def test_over_selection_accounts_the_worst_case_participation_rate(make_server):
     server = make_server([*OVER_SELECTED, *CENTRAL])
-    dp, scenario = server.central_dp, server.scenario
+    dp, scenario = server.core.central_dp, server.scenario
     assert scenario.sample_rate == 13 / 200 and dp.sample_rate == 13 / 200  # ⌈10·1.3⌉/200, not 10/200
     assert dp.denominator_rate == 10 / 200 and dp.expected_weight == 10 / 200 * 200  # qW keeps the kept fraction
     for _ in range(50):
@@ -76,7 +76,7 @@ def test_over_selection_accounts_the_worst_case_participation_rate(make_server):
     assert "over_selection" in report["sampling_assumption"] and "13/200" in report["sampling_assumption"]
 
     # Why the worst case: the fastest client is kept in every round that draws it.
-    clock = SyncClock(client_system(scenario, np.full(200, 48)), scenario, model_bytes=4 * server.global_vec.size)
+    clock = SyncClock(client_system(scenario, np.full(200, 48)), scenario, model_bytes=4 * server.core.global_vec.size)
     durations = clock.system.model.duration(np.arange(200), np.full(200, 48), np.ones(200, dtype=np.int64), clock.model_bytes)
     fastest = int(np.argmin(durations))
     drawn = kept = 0
@@ -93,13 +93,13 @@ def test_over_selection_accounts_the_worst_case_participation_rate(make_server):
 
 def test_an_empty_poisson_round_still_releases_the_central_noise_and_steps_the_accountant(make_server):
     server = make_server([*EMPTY_POISSON, *CENTRAL])
-    before = server.global_vec.copy()
+    before = server.core.global_vec.copy()
     metrics = server.run_round(EMPTY_ROUND)
     assert metrics["clients"] == 0 and metrics["dp_empty_round"] == 1
     sigma = 1.0 * 1.0 / (0.002 * 200.0)  # σ = z·S/(qW)
     noise = np.random.default_rng([3, EMPTY_ROUND, 13]).standard_normal(before.size) * sigma
-    assert np.array_equal(server.global_vec, (before + noise.astype(np.float32)).astype(np.float32))
-    assert server.central_dp.accountant.steps == 1
+    assert np.array_equal(server.core.global_vec, (before + noise.astype(np.float32)).astype(np.float32))
+    assert server.core.central_dp.accountant.steps == 1
     assert metrics["epsilon"] == pytest.approx(_epsilon(1.0, 0.002, 1), rel=1e-9)
     assert server.privacy_report()["empty_rounds"] == 1
 
@@ -108,17 +108,17 @@ def test_an_empty_round_moves_the_adaptive_clip_with_a_zero_count(make_server):
     server = make_server([*EMPTY_POISSON, *CENTRAL, "privacy.adaptive.count_stddev=5"])
     server.run_round(EMPTY_ROUND)
     rng = np.random.default_rng([3, EMPTY_ROUND, 13])
-    rng.standard_normal(server.global_vec.size)  # the update's noise comes first
+    rng.standard_normal(server.core.global_vec.size)  # the update's noise comes first
     fraction = (0 + rng.normal(0.0, 5.0)) / (0.002 * 200)  # b̄ = (Σ b_i + N(0, σ_b²)) / m with Σ b_i = 0
-    assert server.central_dp.clip_norm == pytest.approx(1.0 * math.exp(-0.2 * (fraction - 0.5)), rel=1e-12)
+    assert server.core.central_dp.clip_norm == pytest.approx(1.0 * math.exp(-0.2 * (fraction - 0.5)), rel=1e-12)
 
 
 def test_an_empty_round_without_dp_leaves_the_model_bit_identical(make_server):
     server = make_server(EMPTY_POISSON)
-    before = server.global_vec.copy()
+    before = server.core.global_vec.copy()
     metrics = server.run_round(EMPTY_ROUND)
     assert metrics["clients"] == 0 and "dp_empty_round" not in metrics
-    assert np.array_equal(server.global_vec, before)
+    assert np.array_equal(server.core.global_vec, before)
 
 
 def _chunk(weights: list[float], dim: int) -> ChunkResult:
@@ -126,6 +126,12 @@ def _chunk(weights: list[float], dim: int) -> ChunkResult:
     return ChunkResult(index=0, delta_sum=np.zeros(dim), weight_sum=float(sum(weights)), client_ids=np.arange(n),
                        weights=np.array(weights), losses=np.zeros(n), steps=np.ones(n, dtype=np.int64),
                        bytes_up=np.zeros(n, dtype=np.int64))
+
+
+def _reduce(server: RoundServer, chunks: list[ChunkResult], round_index: int, plan) -> dict:
+    """The server's reduction and step of ``chunks`` (one chunk, on worker 0), after its secure sum if any."""
+    secure = None if plan.secure is None else server._secure_sum(chunks, plan, {0: 0}, round_index)
+    return server._reduce_and_step(chunks, round_index, plan, secure)
 
 
 def _abort_secure_rounds(monkeypatch) -> None:
@@ -137,23 +143,23 @@ def test_a_central_round_that_aggregates_nothing_releases_noise(make_server, mon
     """Zero total weight in the clear, or an aborted secure round: both release 0/(qW) + N(0, σ²)."""
     server = make_server([*CENTRAL, *(["secure_aggregation.threshold=0.5"] if secure else [])])
     _abort_secure_rounds(monkeypatch)
-    before, dim = server.global_vec.copy(), server.global_vec.size
+    before, dim = server.core.global_vec.copy(), server.core.global_vec.size
     weights = [1.0, 1.0, 1.0] if secure else [0.0, 0.0, 0.0]  # secure: three clients joined, then the round aborted
-    out = server._reduce_and_step([_chunk(weights, dim)], 2, server._round_plan(3, 2), {0: 0})
+    out = _reduce(server, [_chunk(weights, dim)], 2, server._round_plan(3, 2))
     assert out["dp_empty_round"] == 1
     noise = np.random.default_rng([3, 2, 13]).standard_normal(dim) * (1.0 / (0.1 * 200.0))
-    assert np.array_equal(server.global_vec, (before + noise.astype(np.float32)).astype(np.float32))
-    assert server.central_dp.accountant.steps == 1 and server.central_dp.empty_rounds == 1
+    assert np.array_equal(server.core.global_vec, (before + noise.astype(np.float32)).astype(np.float32))
+    assert server.core.central_dp.accountant.steps == 1 and server.core.central_dp.empty_rounds == 1
 
 
 def test_an_aborted_distributed_round_keeps_the_model_and_is_accounted(make_server, monkeypatch):
     server = make_server(DISTRIBUTED)
     _abort_secure_rounds(monkeypatch)
-    before = server.global_vec.copy()
-    out = server._reduce_and_step([_chunk([1.0] * 20, before.size)], 0, server._round_plan(20, 0), {0: 0})
+    before = server.core.global_vec.copy()
+    out = _reduce(server, [_chunk([1.0] * 20, before.size)], 0, server._round_plan(20, 0))
     assert out["dp_empty_round"] == 1 and out["secagg_aborted"] == 1
-    assert np.array_equal(server.global_vec, before)  # no client noise arrived, so nothing may be released
-    assert server.central_dp.accountant.steps == 1  # conservatively accounted all the same
+    assert np.array_equal(server.core.global_vec, before)  # no client noise arrived, so nothing may be released
+    assert server.core.central_dp.accountant.steps == 1  # conservatively accounted all the same
     report = server.privacy_report()
     assert report["empty_rounds"] == 1 and "conservative" in report["empty_round_accounting"]
 
@@ -214,14 +220,14 @@ def test_the_workers_dp_ring_vector_holds_exactly_d_words(tiny_scenario):
     torch.set_num_threads(threads)
     secure = SecureRound(scenario.secure_aggregation, round_params(scenario.secure_aggregation, 6), b"s" * 16, 1.0)
     plan = RoundPlan(secure=secure, clip_norm=0.5, noise_variance=4.0)
-    worker.train(worker.flat.numpy(), None, 0, plan, 0, ClientBatch(np.array([0, 1]), np.array([1, 1])))
-    assert {u: v.size for u, v in worker.secure_group.inputs.items()} == {0: worker.flat.size, 1: worker.flat.size}
+    worker.train(worker.runtime.flat.numpy(), None, 0, plan, 0, ClientBatch(np.array([0, 1]), np.array([1, 1])))
+    assert {u: v.size for u, v in worker.encoding.group.inputs.items()} == {0: worker.runtime.flat.size, 1: worker.runtime.flat.size}
 
 
 def test_distributed_noise_is_sized_from_the_rounding_bound(make_server):
     server = make_server(DISTRIBUTED)
     plan = server._round_plan(20, 0)
-    d, t = server.global_vec.size, plan.secure.params.threshold
+    d, t = server.core.global_vec.size, plan.secure.params.threshold
     assert t == 10 and plan.secure.params.quant_bits == 8
     delta2 = _kls_bound(0.5 * 127.5, d)  # c = S·scale = 63.75
     assert plan.noise_variance == pytest.approx((0.5 * delta2) ** 2 / t, rel=1e-12)  # (z·Δ₂)²/t

@@ -10,7 +10,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 import raysim
 from raysim.config import PrivacyConfig, apply_overrides, parse_scenario
-from raysim.engine.server import initial_global
+from raysim.engine.core import initial_global
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
 from raysim.errors import ScenarioError
 from raysim.privacy.dp.server import CentralDP
@@ -56,7 +56,7 @@ def test_every_clients_delta_respects_the_clip_bound():
                                "training": {"lr": 0.5, "epochs": 3, "batch_size": 4}, "privacy": {"mechanism": "central"}})
     worker = ClientWorker(scenario, x, y, np.arange(60), np.arange(0, 61, 10), (4,), 3)
     torch.manual_seed(0)
-    global_vec = worker.flat.numpy()
+    global_vec = worker.runtime.flat.numpy()
     for cid in range(6):
         chunk = worker.train(global_vec, None, 0, RoundPlan(clip_norm=0.05), 0,
                              ClientBatch(np.array([cid]), np.array([3])))

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import raysim
-from raysim.client.hooks import add_proximal_gradient
+from raysim.client.state import make_state_store
+from raysim.strategies.fedprox import add_proximal_gradient
 from raysim.client.train import client_rng
 from raysim.config import parse_scenario
 from raysim.engine.server import local_epochs
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
-from raysim.strategies import Aggregate, make_strategy
+from raysim.strategies import Aggregate, ControlUpdate, make_strategy
 
 
 def test_proximal_gradient_is_mu_times_the_whole_vector_difference():
@@ -89,7 +90,7 @@ def _reference_client(x, y, w0, c, ci, lr, epochs, seed, round_index, cid):
 
 def test_scaffold_two_rounds_match_hand_computed_x_c_and_c_i():
     scenario, worker, x, y, offsets = _tiny_linear_setup()
-    strategy = make_strategy(scenario.strategy, num_clients=2, dim=6)
+    strategy = make_strategy(scenario.strategy, num_clients=2, dim=6, store=make_state_store("memory", 6))
     rng = np.random.default_rng(5)
     global_vec = rng.normal(size=6).astype(np.float32)
     ref_x, ref_c, ref_ci = global_vec.astype(np.float64), np.zeros(6), np.zeros((2, 6))
@@ -98,8 +99,8 @@ def test_scaffold_two_rounds_match_hand_computed_x_c_and_c_i():
         batch = ClientBatch(ids, np.array([3, 3]), strategy.client_states(ids))
         chunk = worker.train(global_vec, strategy.server_state(), round_index, RoundPlan(), 0, batch)
         aggregate = Aggregate((chunk.delta_sum / chunk.weight_sum).astype(np.float32), chunk.weight_sum, 2,
-                              {"client_ids": ids, "state_deltas": chunk.state_deltas,
-                               "state_delta_sum": chunk.state_deltas.astype(np.float64).sum(axis=0)})
+                              ControlUpdate(client_ids=ids, deltas=chunk.state_deltas,
+                                            delta_sum=chunk.state_deltas.astype(np.float64).sum(axis=0)))
         global_vec = strategy.apply(global_vec, aggregate)
 
         ys, new_cis = [], []

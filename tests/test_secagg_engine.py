@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 import raysim
-from raysim.config import apply_overrides, parse_scenario
-from raysim.engine.server import initial_global
+from raysim.config import apply_overrides
+from raysim.engine.core import initial_global
+from raysim.engine.validation import parse_and_validate as parse_scenario  # the schema and the engine's checks
 from raysim.errors import ScenarioError
 
 SECURE = ["secure_aggregation.threshold=0.5"]

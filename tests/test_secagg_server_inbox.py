@@ -21,7 +21,8 @@ from raysim.config import apply_overrides, parse_scenario
 from raysim.data.load import load_data, partition_data
 from raysim.engine.pool import create_workers
 from raysim.engine.sampling import sample_clients
-from raysim.engine.server import RoundServer, chunked, local_epochs
+from raysim.engine.evaluation import chunked
+from raysim.engine.server import RoundServer, local_epochs
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
 from raysim.privacy.secagg.sealed_state import new_storage_key
 
@@ -97,7 +98,7 @@ def inbox_of(ray_session, tiny_scenario, tmp_path, monkeypatch):
         try:
             server = RoundServer(scenario, workers, dataset.x_test, dataset.y_test, dataset.feature_shape,
                                  dataset.num_classes, str(tmp_path / "state"), float(part.sizes().max()))
-            start = server.global_vec.copy()
+            start = server.core.global_vec.copy()
             monkeypatch.setattr(ray, "get", recording_get)
             metrics = server.run_round(0)
             monkeypatch.setattr(ray, "get", real_get)

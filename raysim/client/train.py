@@ -1,7 +1,7 @@
 """One client's local training: minibatch epochs over its own samples, starting from the global model.
 
-The loop is deliberately flat. Client-side hooks (FedProx's proximal term, SCAFFOLD's correction,
-DP-SGD) appear as a few visible lines here rather than behind indirection. The task
+The loop is deliberately flat. A strategy's gradient hook (FedProx's proximal term, SCAFFOLD's
+correction; ``raysim.strategies``) is one visible line between ``backward`` and the step. The task
 (``raysim.models.task``) turns the model's output into the loss: cross-entropy for classifiers, the
 mean next-token NLL for causal language models.
 """
@@ -9,12 +9,12 @@ mean next-token NLL for causal language models.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from raysim.client.hooks import ClientHooks
 from raysim.config import TrainingConfig
 from raysim.models.flat import FlatParams
 from raysim.models.task import CLASSIFICATION, Task
@@ -50,13 +50,13 @@ def train_client(
     epochs: int,
     batch_size: int,
     rng: np.random.Generator,
-    hooks: ClientHooks = ClientHooks(),
+    hook: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     task: Task = CLASSIFICATION,
 ) -> LocalResult:
     """Train ``model`` in place on (x, y) for ``epochs`` passes, starting from whatever it holds.
 
-    ``flat`` holds the model's parameters and gradients as flat vectors; ``hooks`` adjust the
-    gradient between ``backward`` and the optimizer step.
+    ``flat`` holds the model's parameters and gradients as flat vectors; ``hook(grad, weights)``
+    adjusts the flat gradient in place between ``backward`` and the optimizer step.
     """
     optimizer.state.clear()
     model.train()
@@ -70,7 +70,8 @@ def train_client(
             loss = task.loss(model(x[batch]), y[batch])
             flat.grad.zero_()
             loss.backward()
-            hooks.apply(flat.grad, flat.vector)
+            if hook is not None:
+                hook(flat.grad, flat.vector)
             optimizer.step()
             loss_sum += loss.detach()
             steps += 1

@@ -6,14 +6,16 @@ from it and will be used is queued for training, in batches grouped by (start ve
 use): all updates in one batch share a staleness, so the worker's folded Σ w_k·Δ_k is all a step
 needs. The launcher sends the earliest-needed batches first, keeps a bounded number of calls
 queued per worker, and packs whatever waits into one ``train_many`` call of up to
-``clients_per_call`` clients (``raysim.engine.async_worker``). Each step consumes its batches in
+``clients_per_call`` clients (``ClientWorker.train_many``). Each step consumes its batches in
 (start version, client id) order. Which worker ran a batch, in which call, and when, never
 changes a result, so 1 and 2 workers give a bit-identical model.
 
 Model versions live in the object store, in a ``VersionCache`` holding the current version and
 any version whose clients are still in flight with an update that will be used.
 One ``run_round`` call is one server step: a FedAsync mix of one update (Xie et al. 2019) or a
-FedBuff step over K buffered updates (Nguyen et al. 2022).
+FedBuff step over K buffered updates (Nguyen et al. 2022). The step server is built on the same core
+as the round server (``raysim.engine.core``) and reduces with the same pure ``reduce``, so it reports
+the same per-update metrics; FedBuff's staleness-weighted sum is the strategy's (``strategies.fedbuff``).
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from typing import Any
 import numpy as np
 import ray
 
+from raysim.client.messages import ChunkResult, ClientBatch
+from raysim.config import Scenario
 from raysim.engine.async_schedule import AsyncSchedule, StepPlan
 from raysim.engine.clock import VersionCache
+from raysim.engine.core import CoreServer, ServerCore
+from raysim.engine.evaluation import chunked
 from raysim.engine.pool import WORKER_LOST, WorkerFailures
-from raysim.engine.server import RoundServer, chunked
+from raysim.engine.reduce import reduce
 from raysim.engine.system_model import ClientSystem
-from raysim.engine.worker import ChunkResult, ClientBatch
 from raysim.errors import ScenarioError
 from raysim.strategies import Aggregate
 from raysim.strategies.fedasync import fedasync_update
@@ -128,35 +133,35 @@ def staleness_stats(staleness: np.ndarray) -> dict[str, Any]:
             "staleness_hist": np.bincount(bins, minlength=len(STALENESS_BINS)).tolist()}
 
 
-class AsyncServer(RoundServer):
+class AsyncServer(CoreServer):
     """The body of the server actor in async mode; ``run_round(i)`` runs server step i + 1."""
 
-    def __init__(self, *args: Any, system: ClientSystem, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        run = self.scenario.asynchronous
+    def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
+                 feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
+                 max_client_weight: float = 1.0, *, system: ClientSystem, dp_total_weight: float = 1.0) -> None:
+        self.core = ServerCore(scenario, workers, x_test, y_test, feature_shape, num_classes, state_dir, dp_total_weight)
+        self.scenario = scenario
+        run = scenario.asynchronous
         self.mode, self.alpha = run.mode, run.alpha
         self.staleness_fn = StalenessFunction(run.staleness.kind, run.staleness.a, run.staleness.b)
-        self.schedule = AsyncSchedule(system, self.scenario, model_bytes=4 * self.global_vec.size)
+        self.schedule = AsyncSchedule(system, scenario, model_bytes=4 * self.core.dim)
         self.cache = VersionCache()
-        executor = self.scenario.executor
-        self.launcher = Launcher(self.workers, executor.calls_in_flight, executor.clients_per_call, self.failures)
+        executor = scenario.executor
+        self.launcher = Launcher(workers, executor.calls_in_flight, executor.clients_per_call, self.core.failures)
         self.needed: dict[int, list[Key]] = defaultdict(list)
         self.pending: dict[Key, Task] = {}  # launched, not yet used by a step
-        self.totals.update(stale_dropped_total=0, dropouts_total=0)
+        self.core.totals.update(stale_dropped_total=0, dropouts_total=0)
         self.current: int | None = None  # the version published last
         self.rejected_streak = 0
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The sync state, plus the schedule (with its RNG), the launched tasks not yet used and the
-        model versions they start from."""
-        state = super().checkpoint_state()
-        state.update(schedule=self.schedule, current=self.current, needed=dict(self.needed), streak=self.rejected_streak,
-                     versions={v: ray.get(self.cache.get(v)) for v in self.cache.live_versions()},
-                     tasks=[(key, task.version, task.batch) for key, task in self.pending.items()])
-        return state
+    def extra_state(self) -> dict[str, Any]:
+        """The schedule (with its RNG), the launched tasks not yet used and the model versions they start from."""
+        return {"schedule": self.schedule, "current": self.current, "needed": dict(self.needed),
+                "streak": self.rejected_streak,
+                "versions": {v: ray.get(self.cache.get(v)) for v in self.cache.live_versions()},
+                "tasks": [(key, task.version, task.batch) for key, task in self.pending.items()]}
 
-    def restore_state(self, state: dict[str, Any]) -> None:
-        super().restore_state(state)
+    def restore_extra(self, state: dict[str, Any]) -> None:
         self.schedule, self.current, self.needed = state["schedule"], state["current"], defaultdict(list, state["needed"])
         self.rejected_streak = state["streak"]
         refs = {version: ray.put(vector) for version, vector in state["versions"].items()}
@@ -169,7 +174,7 @@ class AsyncServer(RoundServer):
 
     def _publish(self, version: int, used: list[tuple[int, int]]) -> None:
         """Put ``version`` in the object store and launch the ``used`` (client, step) that start from it."""
-        ref = ray.put(self.global_vec)
+        ref = ray.put(self.core.global_vec)
         self.cache.acquire(version, ref)  # the server's own hold while the version is current
         if version > 0:
             self.cache.release(version - 1)
@@ -189,10 +194,10 @@ class AsyncServer(RoundServer):
 
     def run_round(self, round_index: int) -> dict[str, Any]:
         """Run one server step; returns its metrics."""
-        start = time.perf_counter()
+        core, start = self.core, time.perf_counter()
         if self.current is None:
             self._publish(0, self.schedule.resolve(0))
-        failures_before = self.failures.count
+        failures_before = core.failures.count
         plan = self.schedule.next_step()
         used = self.schedule.resolve(plan.step)  # planning needs no training: do it while the workers train
         keys = sorted(self.needed.pop(plan.step, []), key=lambda k: (k[1], k[2]))
@@ -205,16 +210,15 @@ class AsyncServer(RoundServer):
             for _ in result.client_ids:
                 self.cache.release(version)
         self._publish(plan.step, used)
-        self.totals["stale_dropped_total"] += plan.stale_dropped
-        self.totals["dropouts_total"] += plan.dropouts
-        self.totals["worker_failures_total"] = self.failures.count
-        metrics["worker_failures"] = self.failures.count - failures_before
-        metrics.update(self.totals, stale_dropped=plan.stale_dropped, dropouts=plan.dropouts,
+        totals = core.totals
+        totals["stale_dropped_total"] += plan.stale_dropped
+        totals["dropouts_total"] += plan.dropouts
+        totals["worker_failures_total"] = core.failures.count
+        metrics["worker_failures"] = core.failures.count - failures_before
+        metrics.update(totals, stale_dropped=plan.stale_dropped, dropouts=plan.dropouts,
                        virtual_time=plan.time, versions_cached=len(self.cache), **staleness_stats(plan.staleness))
         if plan.step % self.scenario.evaluation.every == 0 or plan.step == self.scenario.rounds:
-            metrics.update(self.evaluate_central())
-            if self.scenario.evaluation.federated:
-                metrics.update(self.evaluate_federated(round_index))
+            metrics.update(core.evaluate(round_index))
         seconds = time.perf_counter() - start
         metrics["seconds"] = seconds
         metrics["clients_per_second"] = metrics["clients"] / seconds if seconds > 0 else 0.0
@@ -222,33 +226,27 @@ class AsyncServer(RoundServer):
 
     def _step(self, plan: StepPlan, results: list[tuple[int, ChunkResult]]) -> dict[str, Any]:
         """Apply the step's updates to the global model (FedAsync mix or FedBuff buffer)."""
-        weights = np.concatenate([r.weights for _, r in results]) if results else np.zeros(0)
-        losses = np.concatenate([r.losses for _, r in results]) if results else np.zeros(0)
-        rejected = sum(len(r.rejected) for _, r in results)
-        failed = sum(len(r.failed) for _, r in results)
-        out: dict[str, Any] = {"kept": int((weights > 0).sum()), "rejected": rejected, "client_errors": failed,
-                               "compute_seconds": float(sum(r.seconds for _, r in results))}
-        self.totals["rejected_total"] += rejected
-        self.totals["client_errors_total"] += failed
-        self.rejected_streak = self.rejected_streak + 1 if rejected and not out["kept"] else 0
+        if not results:
+            self.rejected_streak = 0
+            return {"kept": 0, "rejected": 0, "client_errors": 0, "compute_seconds": 0.0}
+        reduction = reduce([r for _, r in results])
+        out = self.core.record(reduction)
+        self.rejected_streak = self.rejected_streak + 1 if out["rejected"] and not out["kept"] else 0
         if self.rejected_streak >= _REJECTED_STEPS:
             raise ScenarioError(f"training.lr: every client update of {_REJECTED_STEPS} server steps in a row, up to "
                                 f"step {plan.step}, was NaN/Inf; lower training.lr (or strategy.server_lr)")
-        if weights.sum() <= 0:
+        if reduction.weight <= 0:
             return out  # nothing usable arrived: the step leaves the model as it is
-        out["loss"] = float((weights * losses).sum() / weights.sum())
+        where = f"server step {plan.step}"
         if self.mode == "fedasync":
             version, result = results[0]
             delta = result.delta_sum / result.weight_sum  # one client: exactly its Δ
             x_start = ray.get(self.cache.get(version))
-            self.global_vec = fedasync_update(self.global_vec, x_start, delta, plan.step - 1 - version,
-                                              alpha=self.alpha, fn=self.staleness_fn)
+            self.core.global_vec = fedasync_update(self.core.global_vec, x_start, delta, plan.step - 1 - version,
+                                                   alpha=self.alpha, fn=self.staleness_fn)
+            self.core.check(where)
         else:
             folds = [(plan.step - 1 - version, r.delta_sum, r.weight_sum) for version, r in results]
             mean_delta, weight = fedbuff_pseudo_gradient(folds, self.staleness_fn)
-            aggregate = Aggregate(mean_delta=mean_delta, total_weight=weight, num_clients=out["kept"])
-            self.global_vec = self.strategy.apply(self.global_vec, aggregate)
-        if not np.isfinite(self.global_vec).all():
-            raise ScenarioError(f"training.lr: the global model became NaN/Inf in server step {plan.step}; "
-                                "lower training.lr or strategy.server_lr")
+            self.core.apply(Aggregate(mean_delta=mean_delta, total_weight=weight, num_clients=out["kept"]), where)
         return out

@@ -6,10 +6,12 @@ otherwise starts the embedded local Ray. Impossible resource requests fail befor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
+from typing import Any, Iterator
 
 import ray
 
@@ -88,3 +90,28 @@ def plan_workers(executor: ExecutorConfig, resources: dict[str, float]) -> int:
             f"do not fit the cluster ({cpus:g} CPU, {gpus:g} GPU; at most {fits}); lower it or use 'auto'"
         )
     return executor.num_workers
+
+
+def available_workers(executor: ExecutorConfig) -> int:
+    """``plan_workers`` against the connected cluster's resources."""
+    return plan_workers(executor, ray.cluster_resources())
+
+
+def disconnect() -> None:
+    ray.shutdown()
+
+
+@contextlib.contextmanager
+def no_ray(error: type[BaseException]) -> Iterator[None]:
+    """Within the block, starting or joining Ray raises ``error`` (the fuzz harness runs no case on Ray)."""
+    import raysim.engine.runner as runner
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    saved = runner.connect, ray.init
+    runner.connect, ray.init = refuse, refuse
+    try:
+        yield
+    finally:
+        runner.connect, ray.init = saved

@@ -32,13 +32,14 @@ from raysim.engine.cluster import connect, plan_workers
 from raysim.engine.pool import create_workers
 from raysim.engine.secure import quantization_error
 from raysim.engine.async_server import AsyncServer
-from raysim.engine.async_worker import AsyncClientWorker
 from raysim.engine.server import RoundServer
 from raysim.engine.worker import ClientWorker
 from raysim.engine.system_model import client_system
+from raysim.engine.validation import validate
 from raysim.errors import ScenarioError
 from raysim.privacy.secagg.sealed_state import new_storage_key
-from raysim.tracking import RunFolder, Tracker, write_atomic
+from raysim.atomic import write_atomic
+from raysim.tracking import RunFolder, Tracker
 
 
 @dataclass
@@ -103,6 +104,7 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
     bit-identical to an uninterrupted run.
     """
     started = time.perf_counter()
+    validate(scenario)
     dataset = load_data(scenario)
     part = partition_data(scenario, dataset)
     system = client_system(scenario, part.sizes())  # a malformed trace fails here, before Ray starts
@@ -121,20 +123,8 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
         else:
             folder = RunFolder(resume)
         history = folder.keep_metrics(0 if saved is None else saved.rounds_done)
-        data_refs = [ray.put(a) for a in (dataset.x_train, dataset.y_train, part.indices, part.offsets)]
-        test_refs = [ray.put(dataset.x_test), ray.put(dataset.y_test)]
-        feature_shape, num_classes = dataset.feature_shape, dataset.num_classes
-        max_client_weight = float(max(part.sizes().max(), 1))
-        extra = {} if scenario.privacy is None else {"dp_total_weight": dp_total_weight(scenario, part.sizes())}
+        workers, server = _start_actors(scenario, num_workers, dataset, part, system, folder.path)
         del dataset, part  # the object store holds the only copy from here on
-        worker_class = AsyncClientWorker if scenario.asynchronous else ClientWorker
-        workers = create_workers(scenario, num_workers, data_refs, feature_shape, num_classes, worker_class,
-                                 client_key=_client_storage_key(scenario, folder.path))
-        server_class = AsyncServer if scenario.asynchronous else RoundServer  # async: a round is a server step
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        server = ray.remote(num_cpus=0, scheduling_strategy=here)(server_class).remote(  # it writes the run folder
-            scenario, workers, *test_refs, feature_shape, num_classes, str(folder.path / checkpoint.STORE_DIR),
-            max_client_weight, system=system, **extra)
         actors = [*workers, server]
         first = 0
         if saved is not None:
@@ -144,46 +134,13 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
         tracker = Tracker(folder, scenario, done=first)
         round_seconds: list[float] = []
         rounds_started = time.perf_counter()
-        every = scenario.checkpoint.every
-        diagnostics = scenario.secure_aggregation is not None and scenario.secure_aggregation.diagnostics
-        with _deferred_signals() as caught:
-            try:
-                for round_index in range(first, scenario.rounds):
-                    tick = time.perf_counter()
-                    metrics = ray.get(server.run_round.remote(round_index))
-                    if diagnostics:  # the plain sums go to this process, never to the server actor
-                        release = ray.get(server.secure_release.remote())
-                        if release is not None:
-                            metrics["secagg_quantization_error"] = quantization_error(workers, release)
-                    if "stopped" in metrics:
-                        print(f"raysim: stopping after round {round_index}: {metrics['stopped']}", file=sys.stderr)
-                        break
-                    if "dp_budget_exceeded" in metrics and not any("dp_budget_exceeded" in m for m in history):
-                        print(f"raysim: warning: {metrics['dp_budget_exceeded']}", file=sys.stderr)
-                    history.append(metrics)
-                    tracker.log(metrics)
-                    round_seconds.append(time.perf_counter() - tick)
-                    done = round_index + 1
-                    if caught or (done % every == 0 and done < scenario.rounds):
-                        ray.get(server.save_checkpoint.remote(done))
-                    if caught:
-                        raise Interrupted(caught["signum"], done, folder.path)
-            except ray.exceptions.RayTaskError as err:
-                raise _unwrap(err) from None
+        _run_rounds(scenario, server, workers, first, history, tracker, folder.path, round_seconds)
         final_vec = ray.get(server.global_vector.remote())
         ray.get(server.close.remote())
         privacy = ray.get(server.privacy_report.remote()) if scenario.privacy is not None else None
         rounds_seconds = time.perf_counter() - rounds_started
         folder.write_model(final_vec)
-        ran = len(round_seconds)
-        summary = {
-            "name": scenario.name, "rounds": scenario.rounds, "num_clients": scenario.num_clients,
-            "workers": num_workers, "num_parameters": int(final_vec.size),
-            "final": _final_metrics(history),
-            "wall_seconds": time.perf_counter() - started,
-            "rounds_per_second": ran / rounds_seconds if rounds_seconds > 0 else 0.0,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the driver's peak
-        }
+        summary = _summary(scenario, num_workers, final_vec, history, started, len(round_seconds), rounds_seconds)
         if saved is not None:
             summary["resumed_after_round"] = saved.rounds_done
         if privacy is not None:
@@ -198,6 +155,68 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
             ray.kill(actor)
         if owns_ray:
             ray.shutdown()
+
+
+def _start_actors(scenario: Scenario, num_workers: int, dataset: Any, part: Any, system: Any,
+                  run_dir: Path) -> tuple[list, Any]:
+    """The worker actors and the server actor, with the data in the object store."""
+    data_refs = [ray.put(a) for a in (dataset.x_train, dataset.y_train, part.indices, part.offsets)]
+    test_refs = [ray.put(dataset.x_test), ray.put(dataset.y_test)]
+    feature_shape, num_classes = dataset.feature_shape, dataset.num_classes
+    max_client_weight = float(max(part.sizes().max(), 1))
+    extra = {} if scenario.privacy is None else {"dp_total_weight": dp_total_weight(scenario, part.sizes())}
+    workers = create_workers(scenario, num_workers, data_refs, feature_shape, num_classes, ClientWorker,
+                             client_key=_client_storage_key(scenario, run_dir))
+    server_class = AsyncServer if scenario.asynchronous else RoundServer  # async: a round is a server step
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    server = ray.remote(num_cpus=0, scheduling_strategy=here)(server_class).remote(  # it writes the run folder
+        scenario, workers, *test_refs, feature_shape, num_classes, str(run_dir / checkpoint.STORE_DIR),
+        max_client_weight, system=system, **extra)
+    return workers, server
+
+
+def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, history: list[dict[str, Any]],
+                tracker: Tracker, run_dir: Path, round_seconds: list[float]) -> None:
+    """Rounds ``first``.. to the end (or a DP budget's stop), logging and checkpointing; a SIGINT or SIGTERM
+    ends the run after the round in flight, with a checkpoint."""
+    every = scenario.checkpoint.every
+    diagnostics = scenario.secure_aggregation is not None and scenario.secure_aggregation.diagnostics
+    with _deferred_signals() as caught:
+        try:
+            for round_index in range(first, scenario.rounds):
+                tick = time.perf_counter()
+                metrics = ray.get(server.run_round.remote(round_index))
+                if diagnostics:  # the plain sums go to this process, never to the server actor
+                    release = ray.get(server.secure_release.remote())
+                    if release is not None:
+                        metrics["secagg_quantization_error"] = quantization_error(workers, release)
+                if "stopped" in metrics:
+                    print(f"raysim: stopping after round {round_index}: {metrics['stopped']}", file=sys.stderr)
+                    break
+                if "dp_budget_exceeded" in metrics and not any("dp_budget_exceeded" in m for m in history):
+                    print(f"raysim: warning: {metrics['dp_budget_exceeded']}", file=sys.stderr)
+                history.append(metrics)
+                tracker.log(metrics)
+                round_seconds.append(time.perf_counter() - tick)
+                done = round_index + 1
+                if caught or (done % every == 0 and done < scenario.rounds):
+                    ray.get(server.save_checkpoint.remote(done))
+                if caught:
+                    raise Interrupted(caught["signum"], done, run_dir)
+        except ray.exceptions.RayTaskError as err:
+            raise _unwrap(err) from None
+
+
+def _summary(scenario: Scenario, num_workers: int, final_vec: np.ndarray, history: list[dict[str, Any]],
+             started: float, ran: int, rounds_seconds: float) -> dict[str, Any]:
+    return {
+        "name": scenario.name, "rounds": scenario.rounds, "num_clients": scenario.num_clients,
+        "workers": num_workers, "num_parameters": int(final_vec.size),
+        "final": _final_metrics(history),
+        "wall_seconds": time.perf_counter() - started,
+        "rounds_per_second": ran / rounds_seconds if rounds_seconds > 0 else 0.0,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the driver's peak
+    }
 
 
 CLIENT_KEY_FILE = "client_storage.key"

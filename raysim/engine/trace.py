@@ -65,21 +65,48 @@ class ClientTrace:
         return online, np.where(online, t, upcoming), np.where(online, self._iv_end[last], t)
 
 
+def _number(text: str, name: str, line: int, fail, *, positive: bool) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if math.isnan(v) or (positive and not (math.isfinite(v) and v > 0)):
+        kind = "a positive number" if positive else "a number"
+        raise fail(line, f"{name} must be {kind} (got {text!r})")
+    return v
+
+
+def _header(reader, fail) -> tuple[list[str], bool]:
+    """The trace's columns, checked, and whether it lists availability intervals."""
+    header = [h.strip() for h in next(reader, [])]
+    unknown = [h for h in header if h not in _TRACE_REQUIRED + _TRACE_INTERVAL]
+    missing = [h for h in _TRACE_REQUIRED if h not in header]
+    if unknown or missing or len(set(header)) != len(header):
+        raise fail(1, f"header must be {','.join(_TRACE_REQUIRED)}[,{','.join(_TRACE_INTERVAL)}] "
+                      f"(got {','.join(header) or 'nothing'})")
+    has_iv = _TRACE_INTERVAL[0] in header
+    if has_iv != (_TRACE_INTERVAL[1] in header):
+        raise fail(1, "give both avail_start and avail_end, or neither")
+    return header, has_iv
+
+
+def _sorted_intervals(intervals: list, lines: list, fail) -> np.ndarray:
+    """(client, start, end) rows sorted by client and start; overlapping intervals of a client raise."""
+    iv = np.asarray(intervals, dtype=np.float64)
+    order = np.lexsort((iv[:, 1], iv[:, 0]))
+    iv, iv_lines = iv[order], np.asarray(lines)[order]
+    overlap = (iv[1:, 0] == iv[:-1, 0]) & (iv[1:, 1] < iv[:-1, 2])
+    if overlap.any():
+        k = int(np.flatnonzero(overlap)[0]) + 1
+        raise fail(int(iv_lines[k]), f"client {int(iv[k, 0])}'s interval overlaps the one on line {iv_lines[k - 1]}")
+    return iv
+
+
 def load_trace(path: str | os.PathLike[str]) -> ClientTrace:
     """Parse a client trace CSV; a malformed one raises ScenarioError naming the file and line."""
 
     def fail(line: int, message: str) -> ScenarioError:
         return ScenarioError(f"system.trace: {path}, line {line}: {message}")
-
-    def number(text: str, name: str, line: int, *, positive: bool) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            v = math.nan
-        if math.isnan(v) or (positive and not (math.isfinite(v) and v > 0)):
-            kind = "a positive number" if positive else "a number"
-            raise fail(line, f"{name} must be {kind} (got {text!r})")
-        return v
 
     try:
         f = open(path, newline="", encoding="utf-8-sig")
@@ -87,15 +114,7 @@ def load_trace(path: str | os.PathLike[str]) -> ClientTrace:
         raise ScenarioError(f"system.trace: cannot read {path} ({e.strerror}); check the path") from None
     with f:
         reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        unknown = [h for h in header if h not in _TRACE_REQUIRED + _TRACE_INTERVAL]
-        missing = [h for h in _TRACE_REQUIRED if h not in header]
-        if unknown or missing or len(set(header)) != len(header):
-            raise fail(1, f"header must be {','.join(_TRACE_REQUIRED)}[,{','.join(_TRACE_INTERVAL)}] "
-                          f"(got {','.join(header) or 'nothing'})")
-        has_iv = _TRACE_INTERVAL[0] in header
-        if has_iv != (_TRACE_INTERVAL[1] in header):
-            raise fail(1, "give both avail_start and avail_end, or neither")
+        header, has_iv = _header(reader, fail)
         col = {name: header.index(name) for name in header}
         first_row: dict[int, tuple[int, tuple[float, float, float]]] = {}
         ids, values, intervals, lines = [], [], [], []
@@ -109,7 +128,7 @@ def load_trace(path: str | os.PathLike[str]) -> ClientTrace:
             if not (text.isascii() and text.isdigit()):
                 raise fail(line, f"client_id must be an integer >= 0 (got {text!r})")
             cid = int(text)
-            row = tuple(number(fields[col[n]].strip(), n, line, positive=True) for n in _TRACE_REQUIRED[1:])
+            row = tuple(_number(fields[col[n]].strip(), n, line, fail, positive=True) for n in _TRACE_REQUIRED[1:])
             if cid in first_row:
                 seen_line, seen = first_row[cid]
                 if not has_iv:
@@ -122,22 +141,13 @@ def load_trace(path: str | os.PathLike[str]) -> ClientTrace:
                 ids.append(cid)
                 values.append(row)
             if has_iv:
-                start = number(fields[col["avail_start"]].strip(), "avail_start", line, positive=False)
-                end = number(fields[col["avail_end"]].strip(), "avail_end", line, positive=False)
+                start = _number(fields[col["avail_start"]].strip(), "avail_start", line, fail, positive=False)
+                end = _number(fields[col["avail_end"]].strip(), "avail_end", line, fail, positive=False)
                 if not (math.isfinite(start) and end > start):
                     raise fail(line, f"need a finite avail_start before avail_end (got {start}, {end})")
                 intervals.append((cid, start, end))
                 lines.append(line)
     if not ids:
         raise fail(2, "the trace lists no clients")
-    iv = None
-    if has_iv:
-        iv = np.asarray(intervals, dtype=np.float64)
-        order = np.lexsort((iv[:, 1], iv[:, 0]))
-        iv, iv_lines = iv[order], np.asarray(lines)[order]
-        overlap = (iv[1:, 0] == iv[:-1, 0]) & (iv[1:, 1] < iv[:-1, 2])
-        if overlap.any():
-            k = int(np.flatnonzero(overlap)[0]) + 1
-            raise fail(int(iv_lines[k]),
-                       f"client {int(iv[k, 0])}'s interval overlaps the one on line {iv_lines[k - 1]}")
+    iv = _sorted_intervals(intervals, lines, fail) if has_iv else None
     return ClientTrace(path, np.asarray(ids, dtype=np.int64), np.asarray(values, dtype=np.float64), iv)

@@ -1,7 +1,10 @@
-"""Server-side update rules: how an aggregate of client updates becomes the next global model."""
+"""Each algorithm whole: its server update rule and its client half."""
 
-from raysim.strategies.base import Aggregate, Strategy, weighted_mean
+from raysim.strategies.base import Aggregate, ClientHalf, ControlUpdate, Strategy, weighted_mean
 from raysim.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
-from raysim.strategies.registry import make_strategy
+from raysim.strategies.fedprox import FedProx
+from raysim.strategies.registry import make_client_half, make_strategy
+from raysim.strategies.scaffold import Scaffold
 
-__all__ = ["Aggregate", "FedAdagrad", "FedAdam", "FedAvgM", "FedYogi", "Strategy", "make_strategy", "weighted_mean"]
+__all__ = ["Aggregate", "ClientHalf", "ControlUpdate", "FedAdagrad", "FedAdam", "FedAvgM", "FedProx", "FedYogi",
+           "Scaffold", "Strategy", "make_client_half", "make_strategy", "weighted_mean"]

@@ -1,16 +1,19 @@
 """The strategy interface and FedAvg (McMahan et al. 2017), the rule every other strategy extends.
 
-A strategy sees the round's aggregate, never individual clients: the engine has already reduced the
-clients' weighted deltas in client-id order. That keeps every strategy compatible with secure
-aggregation, which only ever releases sums.
+A strategy owns both halves of an algorithm. Its client half (``ClientHalf``) adjusts each client's
+local training and may return a per-client state delta; its server half (``Strategy.apply``) sees the
+round's aggregate, never individual clients: the engine has already reduced the clients' weighted
+deltas in client-id order. That keeps every strategy compatible with secure aggregation, which only
+ever releases sums.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,39 @@ class Aggregate:
     mean_delta: np.ndarray
     total_weight: float
     num_clients: int
-    extras: dict[str, Any] = field(default_factory=dict)
+    control: ControlUpdate | None = None  # SCAFFOLD: the kept clients' control-variate updates
+
+
+@dataclass(frozen=True)
+class ControlUpdate:
+    """The per-client state a round's kept clients hand back (SCAFFOLD's c_i).
+
+    ``delta_sum`` is Σ Δc_i, a plain or a secure sum. The rows are either each client's Δc_i in the clear
+    (``deltas``) or, under secure aggregation, each client's new c_i sealed under its storage key
+    (``sealed``); exactly one of them is set.
+    """
+
+    client_ids: np.ndarray
+    delta_sum: np.ndarray
+    deltas: np.ndarray | None = None
+    sealed: np.ndarray | None = None
+
+
+class ClientHalf:
+    """A strategy's client half: plain local SGD (FedAvg and the server optimizers change nothing here)."""
+
+    def gradient_hook(self, anchor: torch.Tensor, server_state: torch.Tensor | None,
+                      client_state: torch.Tensor | None):
+        """What to add to the flat gradient between ``backward`` and the optimizer step, or None.
+
+        The hook is called as ``hook(grad, weights)`` and changes ``grad`` in place.
+        """
+        return None
+
+    def state_delta(self, client_state: torch.Tensor, server_state: torch.Tensor, anchor: torch.Tensor,
+                    local: torch.Tensor, steps: int) -> torch.Tensor | None:
+        """The change to the client's own state after training (SCAFFOLD's Δc_i), or None."""
+        return None
 
 
 def weighted_mean(deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -1,0 +1,75 @@
+"""The stage order, in one list, and the pipeline a scenario builds from it.
+
+    train → fault → attack → finite check → norm bound → DP clip → compress (error feedback) → encode
+
+A stage is in a run's pipeline when the scenario turns its feature on; training, the finite check and
+the encoding always are. The worker builds its pipeline with its resident model (``runtime``) and the
+clients' storage key; the server builds the same list without them, for the server halves.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from raysim.adversary.clients import MaliciousClients
+from raysim.client.attack import Attack
+from raysim.client.bounds import FiniteCheck, NormBound
+from raysim.client.compress import Compression
+from raysim.client.dp_clip import DPClip
+from raysim.client.encode import Encoding
+from raysim.client.faults import FaultInjection
+from raysim.client.pipeline import Pipeline, Stage
+from raysim.client.training import ClientRuntime, LocalTraining
+from raysim.config import Scenario
+from raysim.privacy.secagg.sealed_state import RowSealer
+from raysim.strategies.base import ClientHalf
+
+
+def _training(s: Scenario, parts: dict) -> Stage:
+    return LocalTraining(s, parts.get("runtime"), parts.get("strategy") or ClientHalf())
+
+
+def _fault(s: Scenario, parts: dict) -> Stage | None:
+    return None if s.faults is None or not s.faults.client_faults else FaultInjection(s)
+
+
+def _attack(s: Scenario, parts: dict) -> Stage | None:
+    if s.adversary is None:
+        return None
+    return Attack(MaliciousClients(s.adversary, s.seed, s.num_clients, parts["num_classes"]))
+
+
+def _norm_bound(s: Scenario, parts: dict) -> Stage | None:
+    return None if s.aggregation.norm_bound is None else NormBound(s.aggregation)
+
+
+def _dp_clip(s: Scenario, parts: dict) -> Stage | None:
+    return None if s.privacy is None or s.privacy.mechanism == "local" else DPClip(s.privacy.mechanism)
+
+
+def _compression(s: Scenario, parts: dict) -> Stage | None:
+    return None if s.compression is None or s.compression.kind == "none" else Compression(s.compression, s.seed)
+
+
+def _encoding(s: Scenario, parts: dict) -> Stage:
+    return Encoding(s, parts.get("sealer"))
+
+
+STAGES: list[tuple[str, Callable[[Scenario, dict], Stage | None]]] = [
+    ("train", _training),
+    ("fault", _fault),
+    ("attack", _attack),
+    ("finite_check", lambda s, parts: FiniteCheck()),
+    ("norm_bound", _norm_bound),
+    ("dp_clip", _dp_clip),
+    ("compress", _compression),
+    ("encode", _encoding),
+]
+
+
+def build_pipeline(scenario: Scenario, num_classes: int, *, runtime: ClientRuntime | None = None,
+                   strategy: ClientHalf | None = None, sealer: RowSealer | None = None) -> Pipeline:
+    """The scenario's stages in ``STAGES`` order."""
+    parts = {"num_classes": num_classes, "runtime": runtime, "strategy": strategy, "sealer": sealer}
+    stages = (make(scenario, parts) for _, make in STAGES)
+    return Pipeline([stage for stage in stages if stage is not None])

@@ -1,0 +1,134 @@
+"""The last stage: how a client's update leaves it, and the server half that turns the updates into one sum.
+
+Three encodings, chosen by the round's plan:
+  * fold (the default): the worker adds w_k·Δ_k into the chunk's float64 partial sum, in client-id
+    order, so the server receives one vector per chunk; its server half is the plain sum.
+  * row (``plan.per_client``, for a robust rule): each client's Δ_k is kept as a row; the server half is
+    the robust rule (``raysim.strategies.robust``: Krum, trimmed mean, median, ...).
+  * secure (``plan.secure``): each client's update is quantized into its private ring vector and joins
+    this worker's ``ClientGroup`` for the masking protocol (Bonawitz et al. 2017; ``raysim.privacy.secagg``);
+    the server half reads the secure sum's release. Under secure aggregation the clients' state rows
+    (SCAFFOLD's c_i, error-feedback residuals) are kept by the server sealed (``sealed_state``): they are
+    opened here before the clients train, and sealed again after.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raysim.client.pipeline import Chunk, ClientUpdate, Released, Stage
+from raysim.client.train import client_rng
+from raysim.compression import dense_bytes, shared_mask_indices
+from raysim.config import Scenario
+from raysim.privacy.secagg import ClientGroup, PhaseOutput
+from raysim.privacy.secagg.sealed_state import RowSealer
+from raysim.privacy.secagg.setup import encode_update
+from raysim.strategies.robust import robust_aggregate
+
+
+class Encoding(Stage):
+    def __init__(self, scenario: Scenario, sealer: RowSealer | None = None) -> None:
+        self.scenario, self.sealer = scenario, sealer
+        self.group: ClientGroup | None = None  # this worker's clients of the current secure round
+        self.plain: dict[int, tuple[np.ndarray, float]] = {}  # secure_aggregation.diagnostics only
+
+    def begin(self, chunk: Chunk) -> None:
+        batch = chunk.batch
+        if chunk.plan.secure is None or (batch.states is None and batch.residuals is None):
+            return
+        if self.sealer is None:
+            raise RuntimeError("a secure round with per-client state needs the clients' storage key (client_key)")
+        ids = batch.client_ids
+        chunk.open(None if batch.states is None else self.sealer.open(ids, batch.states),
+                   None if batch.residuals is None else self.sealer.open(ids, batch.residuals))
+
+    def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
+        if update.bytes_up is None:
+            update.bytes_up = dense_bytes(chunk.dim)
+        chunk.keep(update)
+        if chunk.plan.secure is not None:
+            self._join_secure_round(update, chunk)
+        elif chunk.rows is not None:
+            chunk.rows[update.position] = update.delta.cpu().numpy()
+        else:
+            chunk.delta_sum.add_(update.delta.to(chunk.delta_sum.dtype), alpha=float(update.weight))
+        return True
+
+    def finish(self, chunk: Chunk) -> None:
+        """Under secure aggregation the new c_i = c_i + Δc_i and the residuals go back sealed; Δc_i only
+        reaches the server inside the secure sum."""
+        if chunk.plan.secure is None or self.sealer is None:
+            return
+        ids, round_index = chunk.batch.client_ids, chunk.round_index
+        if chunk.state_deltas is not None:
+            chunk.sealed_states = self.sealer.seal(ids, round_index, chunk.states + chunk.state_deltas)
+            chunk.state_deltas = None
+        if chunk.residuals is not None:
+            chunk.residuals = self.sealer.seal(ids, round_index, chunk.residuals)
+
+    def _join_secure_round(self, update: ClientUpdate, chunk: Chunk) -> None:
+        plan, cid = chunk.plan, update.client_id
+        secure = plan.secure
+        if self.group is None or self.group.session_id != secure.session_id:
+            self.group = ClientGroup([], secure.params, secure.session_id, chunk.round_index)
+            self.plain = {}
+        delta = update.delta.cpu().numpy()
+        if plan.mask_seed is not None:  # the shared random mask: only its k coordinates enter the protocol
+            delta = delta[shared_mask_indices(delta.size, self.scenario.compression.fraction, plan.mask_seed)]
+        ring = encode_update(delta, update.weight, secure.weight_bound, update.state_delta, secure.config,
+                             secure.params, client_rng(self.scenario.seed, chunk.round_index, cid, stream=9),
+                             dp_clip_norm=plan.clip_norm, noise_variance=plan.noise_variance,
+                             noise_kind=plan.noise_kind)
+        self.group.add(cid, ring)
+        if secure.config.diagnostics:  # kept for the driver's quantization-error metric only
+            self.plain[cid] = (delta, update.weight)
+
+    def secure_phase(self, name: str, inbound: object) -> PhaseOutput:
+        """One secure-aggregation phase for this worker's clients of the current round."""
+        assert self.group is not None, "secure_phase before any client joined the round"
+        return self.group.phase(name, inbound)
+
+    def end_secure_round(self, session_id: bytes) -> None:
+        """Forget the clients' protocol state once their round is over (their secrets die with it)."""
+        if self.group is not None and self.group.session_id == session_id:
+            self.group = None
+
+    def plain_sum(self, client_ids: list[int], dim: int) -> np.ndarray | None:
+        """Σ w·Δ in float64 over ``client_ids`` held here (diagnostics only; see ``ClientWorker``)."""
+        if not set(client_ids) <= self.plain.keys():
+            return None
+        total = np.zeros(dim, dtype=np.float64)
+        for cid in sorted(client_ids):
+            delta, weight = self.plain[cid]
+            total += weight * delta.astype(np.float64)
+        self.plain = {}
+        return total
+
+    def server(self, released: Released, context: Any) -> Released:
+        """The round's sum: the secure sum's release, the robust rule over the rows, or the plain sum."""
+        reduction = context.reduction
+        if context.secure_sum is not None:
+            result = context.secure_sum
+            released.metrics.update(result.metrics)
+            released.total, released.weight, released.control_sum = result.weighted_sum, result.weight, result.control_sum
+            released.included = np.isin(reduction.client_ids, np.asarray(result.survivors, dtype=np.int64))
+            if reduction.sealed_states is not None:
+                released.control_rows, released.sealed = reduction.sealed_states[released.included], True
+            return released
+        released.total, released.weight, released.included = reduction.total, reduction.weight, reduction.kept_mask
+        if reduction.state_deltas is not None:
+            rows = reduction.state_deltas[released.included]
+            released.control_rows, released.control_sum = rows, np.sum(rows, axis=0, dtype=np.float64)
+        if context.plan.per_client and reduction.kept:
+            self._robust(released, reduction)
+        return released
+
+    def _robust(self, released: Released, reduction: Any) -> None:
+        aggregation, kept = self.scenario.aggregation, reduction.kept_mask
+        robust, details = robust_aggregate(
+            reduction.rows[kept], reduction.weights[kept], aggregation.rule, trim_fraction=aggregation.trim_fraction,
+            byzantine=aggregation.byzantine, multikrum=aggregation.multikrum or max(reduction.kept - aggregation.byzantine, 1))
+        released.metrics.update({k: v for k, v in details.items() if not isinstance(v, list)})
+        released.mean, released.mean_weight = robust.astype(np.float32), released.weight

@@ -1,0 +1,225 @@
+"""The server core that the sync round server and the async step server are both built on, by composition.
+
+It owns what does not depend on how updates are scheduled: the global model and its strategy, the
+per-client state stores (SCAFFOLD's c_i, error-feedback residuals), the DP accountants, the stages'
+server halves, evaluation, checkpoints, the worker-failure budget and the run's totals. Given a
+reduction it records the per-update metrics both servers report, keeps the clients' new state, and
+steps the model through the strategy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raysim.client.build import build_pipeline
+from raysim.client.pipeline import Released
+from raysim.client.state import make_state_store
+from raysim.config import Scenario
+from raysim.engine import checkpoint
+from raysim.engine.evaluation import Evaluator
+from raysim.engine.pool import WorkerFailures
+from raysim.engine.reduce import Reduction, update_metrics
+from raysim.errors import ScenarioError
+from raysim.models.flat import FlatParams
+from raysim.models.zoo import build_model
+from raysim.privacy.secagg.sealed_state import sealed_width
+from raysim.strategies import Aggregate, ControlUpdate, make_strategy
+
+
+def initial_model(scenario: Scenario, feature_shape: tuple[int, ...], num_classes: int) -> tuple[torch.nn.Module, FlatParams]:
+    """The seeded initial model and its flat parameter view."""
+    torch.manual_seed(scenario.seed)
+    model = build_model(scenario.model, feature_shape, num_classes)
+    return model, FlatParams(model)
+
+
+def initial_global(scenario: Scenario, feature_shape: tuple[int, ...], num_classes: int) -> np.ndarray:
+    """The seeded initial model as a flat float32 vector."""
+    return initial_model(scenario, feature_shape, num_classes)[1].numpy()
+
+
+class ServerCore:
+    def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
+                 feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
+                 dp_total_weight: float = 1.0) -> None:
+        torch.set_num_threads(1)
+        self.scenario, self.workers = scenario, workers
+        model, flat = initial_model(scenario, feature_shape, num_classes)  # built once, kept for evaluation
+        self.global_vec = flat.numpy()
+        self.dim = int(self.global_vec.size)
+        self.evaluator = Evaluator(scenario, model, flat, x_test, y_test, num_classes)
+        self.pipeline = build_pipeline(scenario, num_classes)  # for its server halves
+        # Under secure aggregation clients' state rows are kept sealed, two header words wider.
+        self.state_width = self.dim if scenario.secure_aggregation is None else sealed_width(self.dim)
+        self.state_dir = state_dir
+        store = self._store("client_state") if scenario.strategy.name == "scaffold" else None
+        self.strategy = make_strategy(scenario.strategy, num_clients=scenario.num_clients, dim=self.dim, store=store)
+        compression = scenario.compression
+        self.residuals = self._store("residuals") if compression is not None and compression.error_feedback else None
+        self.central_dp = self.local_dp = None
+        if scenario.privacy is not None:
+            self._privacy(dp_total_weight)
+        self.run_dir = None if state_dir is None else Path(state_dir).parent
+        self.failures = WorkerFailures(scenario.executor.max_worker_failures)
+        self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "worker_failures_total": 0,
+                       "client_errors_total": 0, "rejected_total": 0}
+
+    def _store(self, name: str):
+        """A per-client state store of ``strategy.state_store``'s kind (SCAFFOLD's in ``state_dir`` itself)."""
+        backend = self.scenario.strategy.state_store
+        if backend == "memory":
+            return make_state_store(backend, self.state_width, None)
+        return make_state_store(backend, self.state_width, self.state_dir if name == "client_state"
+                                else Path(self.state_dir) / name)
+
+    def _privacy(self, dp_total_weight: float) -> None:
+        """The accountants; Opacus loads only in runs that use them."""
+        from raysim.privacy.dp.sampling import denominator_rate
+        from raysim.privacy.dp.server import CentralDP, LocalDPLedger
+
+        scenario, privacy = self.scenario, self.scenario.privacy
+        if privacy.mechanism == "local":
+            self.local_dp = LocalDPLedger(privacy)
+            return
+        kept_rate = denominator_rate(scenario)  # the accountant gets the worst-case participation rate
+        self.central_dp = CentralDP(privacy, sample_rate=scenario.sample_rate, rounds=scenario.rounds,
+                                    total_weight=dp_total_weight, expected_cohort=kept_rate * scenario.num_clients,
+                                    denominator_rate=kept_rate)
+
+    def stores(self) -> list:
+        return [store for store in (getattr(self.strategy, "store", None), self.residuals) if store is not None]
+
+    def record(self, reduction: Reduction) -> dict[str, Any]:
+        """The per-update metrics of ``reduction``; adds them to the totals and keeps the clients' new state."""
+        downloads = 1 if self.strategy.server_state() is None else 2
+        out = update_metrics(reduction, self.scenario, self.dim, downloads)
+        self.totals["rejected_total"] += out["rejected"]
+        self.totals["client_errors_total"] += out["client_errors"]
+        self.totals["bytes_up_total"] += out.get("bytes_up", 0)
+        self.totals["bytes_down_total"] += out["bytes_down"]
+        kept = reduction.kept_mask
+        if self.residuals is not None and reduction.kept:
+            self.residuals.put(reduction.client_ids[kept], reduction.residuals[kept])
+        if self.local_dp is not None:
+            for chunk in reduction.chunks:
+                self.local_dp.record(chunk.client_ids, chunk.dp_states, chunk.epsilons)
+        return out
+
+    def step(self, released: Released, client_ids: np.ndarray, where: str) -> None:
+        """Step the model with what the server halves released (``where``: "round 3", "server step 3")."""
+        if released.keep_model:
+            return
+        mean, weight = released.mean, released.mean_weight
+        if mean is None:
+            if released.total is None or not released.weight or released.weight <= 0:
+                return
+            mean, weight = (released.total / released.weight).astype(np.float32), released.weight
+        control = None
+        if released.control_rows is not None:
+            ids = client_ids[released.included]
+            control = ControlUpdate(client_ids=ids, delta_sum=released.control_sum,
+                                    sealed=released.control_rows if released.sealed else None,
+                                    deltas=None if released.sealed else released.control_rows)
+        self.apply(Aggregate(mean_delta=mean, total_weight=weight, num_clients=int(released.included.sum()),
+                             control=control), where)
+
+    def apply(self, aggregate: Aggregate, where: str) -> None:
+        self.global_vec = self.strategy.apply(self.global_vec, aggregate)
+        self.check(where)
+
+    def check(self, where: str) -> None:
+        """Stop the run, with one line, once the global model is no longer finite."""
+        if not np.isfinite(self.global_vec).all():
+            raise ScenarioError(f"training.lr: the global model became NaN/Inf in {where}; "
+                                "lower training.lr or strategy.server_lr")
+
+    def evaluate(self, round_index: int) -> dict[str, Any]:
+        metrics = self.evaluator.central(self.global_vec, self.workers, self.failures)
+        if self.scenario.evaluation.federated:
+            metrics.update(self.evaluator.federated(self.global_vec, round_index, self.workers, self.failures))
+        return metrics
+
+    def privacy_metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.central_dp is not None:
+            out.update(self.central_dp.metrics())
+        if self.local_dp is not None:
+            out.update(self.local_dp.metrics())
+        return out
+
+    def privacy_report(self) -> dict[str, Any] | None:
+        """The ``privacy`` block of summary.json."""
+        from raysim.privacy.dp.sampling import sampling_assumption
+
+        scenario = self.scenario
+        if self.central_dp is not None:
+            return self.central_dp.report(scenario.privacy.mechanism, scenario.rounds, scenario.sampling.kind,
+                                          sampling_assumption(scenario))
+        if self.local_dp is not None:
+            return self.local_dp.report(scenario.rounds, sampling_assumption(scenario))
+        return None
+
+    def state(self) -> dict[str, Any]:
+        """Everything the next rounds depend on (the stores' rows travel as files; see ``checkpoint``)."""
+        for store in self.stores():
+            getattr(store, "flush", lambda: None)()
+        return {"global_vec": self.global_vec, "strategy": self.strategy, "central_dp": self.central_dp,
+                "local_dp": self.local_dp, "residuals": self.residuals, "totals": self.totals,
+                "failures": self.failures.count}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.global_vec, self.strategy, self.central_dp = state["global_vec"], state["strategy"], state["central_dp"]
+        self.local_dp, self.residuals = state["local_dp"], state["residuals"]
+        self.totals, self.failures.count = state["totals"], state["failures"]
+
+    def close(self) -> None:
+        """Flush what outlives the run: the disk-backed client state stores' indexes."""
+        for store in self.stores():
+            store.close()
+
+
+class CoreServer:
+    """What every server actor answers, delegated to its ``core``; a server adds its own state to checkpoints
+    through ``extra_state`` / ``restore_extra``."""
+
+    core: ServerCore
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned."""
+
+    def save_checkpoint(self, rounds_done: int) -> str:
+        """Write the checkpoint after ``rounds_done`` rounds into the run folder; returns its path."""
+        core = self.core
+        state = {**core.state(), **self.extra_state()}
+        saved = checkpoint.save(core.run_dir, rounds_done, state, store_dir=core.run_dir / checkpoint.STORE_DIR,
+                                keep=core.scenario.checkpoint.keep)
+        return str(saved.path)
+
+    def restore_checkpoint(self, path: str, rounds_done: int) -> None:
+        """Continue from the checkpoint at ``path``: its client state files, then its state."""
+        core, saved = self.core, checkpoint.Checkpoint(rounds_done, Path(path))
+        for store in core.stores():
+            store.close()
+        checkpoint.restore_store_files(saved, core.run_dir / checkpoint.STORE_DIR)
+        state = saved.load_state()
+        core.restore(state)
+        self.restore_extra(state)
+
+    def num_parameters(self) -> int:
+        return self.core.dim
+
+    def global_vector(self) -> np.ndarray:
+        return self.core.global_vec
+
+    def privacy_report(self) -> dict[str, Any] | None:
+        return self.core.privacy_report()
+
+    def close(self) -> None:
+        self.core.close()
