@@ -29,7 +29,9 @@ def test_rdp_report_reproduces_opacus_vector():
 def test_prv_report_reproduces_opacus_vector():
     accountant = PrivacyAccountant("prv", 1e-5)
     accountant.step(1.5, 0.04, steps=2249)
-    assert accountant.report()["epsilon"] == pytest.approx(6.777395712150674, abs=1e-9)
+    # PRV's ε comes out of an FFT; its ninth digit moves between scipy builds (6.7773957100708 with
+    # scipy 1.17.1), so the published value holds to 1e-8, far inside the accountant's eps_error of 0.01.
+    assert accountant.report()["epsilon"] == pytest.approx(6.777395712150674, abs=1e-8)
 
 
 def test_state_dict_resumes_the_history_after_pickling():
