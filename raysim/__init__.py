@@ -1,14 +1,14 @@
 """raysim: a Ray-distributed simulator for federated learning with privacy.
 
-``raysim.run(scenario) -> Result`` is the notebook entry point; importing the package stays cheap, and
-Ray and torch load on first use.
+``raysim.run(scenario) -> Result`` is the notebook entry point, and ``with raysim.Session():`` keeps Ray and
+the worker actors warm across runs; importing the package stays cheap, and Ray and torch load on first use.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Result", "Scenario", "load_scenario", "run"]
+__all__ = ["Result", "Scenario", "Session", "load_scenario", "run"]
 __version__ = "0.1.0"
 
 
@@ -17,6 +17,10 @@ def __getattr__(name: str) -> Any:
         from raysim.api import run
 
         return run
+    if name == "Session":
+        from raysim.engine.session import Session
+
+        return Session
     if name == "Result":
         from raysim.engine.runner import Result
 

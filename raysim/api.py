@@ -10,7 +10,9 @@ from raysim.engine.runner import Result, execute
 
 
 def run(scenario: Scenario | str | Path | dict[str, Any], *, overrides: list[str] | None = None, address: str | None = None) -> Result:
-    """Run a scenario given as a Scenario, a YAML path or a plain mapping, with optional ``key=value`` overrides."""
+    """Run a scenario given as a Scenario, a YAML path or a plain mapping, with optional ``key=value`` overrides.
+
+    Inside ``with raysim.Session():`` the run reuses the session's Ray connection and warm workers."""
     if isinstance(scenario, (str, Path)):
         resolved = load_scenario(scenario, overrides)
     elif isinstance(scenario, Scenario):

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--resume", action="store_true",
                      help="continue this scenario's run folder (output.dir/name) from its newest checkpoint")
+    run.add_argument("--profile-startup", action="store_true",
+                     help="print where the seconds went between the process start and the first round")
     resume = commands.add_parser("resume", help="continue a run from its newest checkpoint")
     resume.add_argument("run_dir", type=Path, help="the run folder, e.g. results/quickstart")
     resume.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -58,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
             field = next(k for k in type(scenario).model_fields if getattr(saved, k) != getattr(scenario, k))
             raise ScenarioError(f"--resume: {field} differs from {run_dir / 'config.yaml'}; resume with the same "
                                 "scenario and overrides, or start a new run without --resume")
-    return _execute(scenario, args.address, run_dir)
+    return _execute(scenario, args.address, run_dir, profile=args.profile_startup)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -76,7 +78,7 @@ def _resumable(run_dir: Path, what: str) -> Scenario:
     return load_and_validate(config)
 
 
-def _execute(scenario: Scenario, address: str | None, run_dir: Path | None) -> int:
+def _execute(scenario: Scenario, address: str | None, run_dir: Path | None, profile: bool = False) -> int:
     from raysim.engine.runner import Interrupted, execute
 
     try:
@@ -84,6 +86,8 @@ def _execute(scenario: Scenario, address: str | None, run_dir: Path | None) -> i
     except Interrupted as stop:
         print(f"raysim: {stop}", file=sys.stderr)
         return 128 + stop.signum
+    if profile:
+        print(result.startup.format(), file=sys.stderr)
     final = result.summary["final"]
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items() if k in ("accuracy", "loss", "round")}
     print(f"raysim: {scenario.name} finished in {result.summary['wall_seconds']:.1f}s: {json.dumps(shown)}; results in {result.run_dir}")

@@ -225,13 +225,13 @@ class PeakMemory:
 
 
 def run_study(study: Study, runs: list[PlannedRun], address: str | None = None) -> list[dict[str, Any]]:
-    """Run ``runs`` one after another on one Ray connection; returns the study's rows."""
-    from raysim.engine.cluster import available_workers, connect, disconnect
-    from raysim.engine.runner import execute
+    """Run ``runs`` one after another in one session (one Ray connection, one warm worker pool for runs of
+    one resource shape); returns the study's rows."""
+    from raysim.engine.cluster import available_workers
+    from raysim.engine.session import session_for
 
     rows: list[dict[str, Any]] = []
-    owns_ray = connect(address)
-    try:
+    with session_for(address) as session:
         for planned in runs:  # resources too are checked for every run before the first one starts
             try:
                 available_workers(planned.scenario.executor)
@@ -243,16 +243,13 @@ def run_study(study: Study, runs: list[PlannedRun], address: str | None = None) 
             started = time.perf_counter()
             with PeakMemory() as memory:
                 try:
-                    result = execute(planned.scenario, address)
+                    result = session.run(planned.scenario)
                 except ScenarioError as err:
                     result, status = None, f"failed: {err}"
                 else:
                     status = "ok"
             rows.append(_row(planned, result, status, time.perf_counter() - started, memory.peak_gb))
             write_tables(study, rows)
-    finally:
-        if owns_ray:
-            disconnect()
     return rows
 
 

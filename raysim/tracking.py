@@ -1,7 +1,8 @@
 """Where a run's results go: the run folder (written atomically), metrics.jsonl, W&B and a progress bar.
 
 Every file is written to a temporary name, fsynced and renamed, and each metrics line is appended with
-a single ``write`` of a whole line, so a crash never leaves a half-written file or line behind.
+a single ``write`` of a whole line (fsynced at checkpoints and at the end), so a crash never leaves a
+half-written file or line behind.
 Whatever goes to W&B passes through ``scrub`` first, so no credential is ever logged.
 """
 
@@ -86,13 +87,23 @@ class RunFolder:
         return kept
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one whole line (one ``write``, so it cannot tear); ``sync_metrics`` makes it durable."""
         line = (json.dumps(to_jsonable(record), allow_nan=True) + "\n").encode("utf-8")
         fd = os.open(self.path / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
-            os.fsync(fd)
         finally:
             os.close(fd)
+
+    def sync_metrics(self) -> None:
+        """fsync the metrics file: at each checkpoint and at the end of a run, which bound what a crash loses."""
+        path = self.path / "metrics.jsonl"
+        if path.exists():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def resolve_wandb_mode(config: TrackingConfig, env: dict[str, str] | None = None) -> tuple[str, str]:
@@ -155,7 +166,8 @@ def _announce(mode: str, reason: str) -> None:
     """Say once per process which W&B mode was chosen and why (a sweep does not repeat it)."""
     if (mode, reason) not in _announced:
         _announced.add((mode, reason))
-        print(f"raysim: W&B mode {mode} ({reason})", file=sys.stderr)
+        later = "; sync later with `wandb sync <run folder>/wandb`" if mode == "offline" else ""
+        print(f"raysim: W&B mode {mode} ({reason}){later}", file=sys.stderr)
 
 
 class Tracker:
@@ -223,7 +235,7 @@ def _start_wandb(folder: RunFolder, scenario: Scenario, mode: str) -> Any:
         run = wandb.init(
             project=tracking.project, name=folder.path.name, group=tracking.group, id=run_id, resume="allow",
             config=scrub(scenario.model_dump(mode="json")), dir=str(folder.path), mode=mode,
-            reinit="finish_previous", settings=wandb.Settings(console="off", quiet=True),
+            reinit="finish_previous", settings=wandb.Settings(console="off", quiet=True, silent=True),  # raysim says the mode itself
         )
     except (wandb.Error, OSError, ValueError) as err:
         raise ScenarioError(

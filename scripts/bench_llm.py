@@ -6,9 +6,9 @@ sampled clients, batch size and optimizer. The plain loop is what one would writ
 transformers and peft: per client, reset the adapters to the global ones, run one epoch of Adam
 with the model's own ``labels=`` loss, count the non-padding tokens.
 
-raysim's throughput is the tokens trained per second of round wall time (every worker together;
-Ray dispatch, adapter loading and the reduction included; the last round, which evaluates, is left
-out), after one warm-up round. It prints
+raysim's throughput is the tokens trained per second of round wall time as the driver sees it (every
+worker together; Ray dispatch, adapter loading and the reduction included; the last round, which
+evaluates, is left out), after one warm-up round; the loop trains one untimed client first. It prints
 
     llm_overhead_ratio: X  =  loop tokens/s × workers / raysim tokens/s      (target ≤ 1.3)
 
@@ -47,7 +47,7 @@ def raysim_throughput(config: dict) -> dict[str, float]:
     result = raysim.run(config)
     measured = result.history[1:-1]
     tokens = sum(m["tokens"] for m in measured)
-    seconds = sum(m["seconds"] for m in measured)
+    seconds = sum(result.round_seconds[1:-1])  # as the driver sees a round, not as the server reports it
     return {"tokens_per_second": tokens / seconds, "tokens": tokens, "seconds": seconds,
             "per_worker_in_call": float(np.mean([m["tokens_per_second_per_worker"] for m in measured])),
             "trainable_parameters": result.summary["final"]["trainable_parameters"],
@@ -78,8 +78,11 @@ def loop_throughput(config: dict) -> dict[str, float]:
     global_weights = [p.detach().clone() for p in trainable]
     x_all = torch.from_numpy(dataset.x_train)
     tokens, seconds = 0, 0.0
-    for round_index in range(1, resolved.rounds - 1):  # the rounds raysim_throughput measures
-        for cid in sample_clients(resolved.sampling, resolved.num_clients, resolved.seed, round_index).tolist():
+    warm_up = int(sample_clients(resolved.sampling, resolved.num_clients, resolved.seed, 0)[0])
+    for round_index, clients in [(0, [warm_up]), *((r, None) for r in range(1, resolved.rounds - 1))]:
+        # One untimed client first, as raysim's warm-up round; then the rounds raysim_throughput measures.
+        clients = clients or sample_clients(resolved.sampling, resolved.num_clients, resolved.seed, round_index).tolist()
+        for cid in clients:
             start = time.perf_counter()
             with torch.no_grad():
                 for p, g in zip(trainable, global_weights):
@@ -95,8 +98,9 @@ def loop_throughput(config: dict) -> dict[str, float]:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            seconds += time.perf_counter() - start
-            tokens += int((x >= 0).sum())
+            if round_index:
+                seconds += time.perf_counter() - start
+                tokens += int((x >= 0).sum())
     return {"tokens_per_second": tokens / seconds, "tokens": tokens, "seconds": seconds}
 
 

@@ -51,7 +51,7 @@ def loop_seconds_per_round(raw: dict, warmup: int) -> tuple[float, int]:
     config = parse_scenario(raw)
     data = load_data(config)
     part = partition_data(config, data)
-    worker = ClientWorker(config, data.x_train, data.y_train, part.indices, part.offsets, data.feature_shape, data.num_classes)
+    worker = ClientWorker.local(config, data.x_train, data.y_train, part.indices, part.offsets, data.feature_shape, data.num_classes)
     strategy = make_strategy(config.strategy)
     global_vec = initial_global(config, data.feature_shape, data.num_classes)
     times = []

@@ -211,7 +211,7 @@ def _timed_worker_class():
         held = None
 
         def initial_vector(self) -> np.ndarray:
-            return self.flat.vector.detach().cpu().numpy().copy()
+            return self.runtime.flat.vector.detach().cpu().numpy().copy()
 
         def info(self) -> dict:
             cuda = self.device.type == "cuda"
@@ -271,7 +271,7 @@ def quarter_gpu_workers(args: argparse.Namespace) -> None:
     dataset = load_data(scenario)
     part = partition_data(scenario, dataset)
     refs = [ray.put(a) for a in (dataset.x_train, dataset.y_train, part.indices, part.offsets)]
-    workers = create_workers(scenario, 4, refs, dataset.feature_shape, dataset.num_classes, _timed_worker_class())
+    workers, _ = create_workers(scenario, 4, refs, dataset.feature_shape, dataset.num_classes, _timed_worker_class())
     try:
         infos = ray.get([w.info.remote() for w in workers], timeout=300)
         report("quarter_gpu_devices", ",".join(i["device"] for i in infos))
@@ -411,14 +411,14 @@ def lora_bf16(args: argparse.Namespace, out_dir: Path) -> None:
 
     def dtypes(self) -> dict:
         frozen, trainable = {}, {}
-        for p in self.model.parameters():
+        for p in self.runtime.model.parameters():
             side = trainable if p.requires_grad else frozen
             side[str(p.dtype)] = side.get(str(p.dtype), 0) + p.numel()
         return {"device": str(self.device), "frozen": frozen, "trainable": trainable,
-                "autocast_bf16": bool(getattr(self.model, "bf16", False))}
+                "autocast_bf16": bool(getattr(self.runtime.model, "bf16", False))}
 
     worker_class.dtypes = dtypes
-    [worker] = create_workers(scenario, 1, refs, dataset.feature_shape, dataset.num_classes, worker_class)
+    [worker], _ = create_workers(scenario, 1, refs, dataset.feature_shape, dataset.num_classes, worker_class)
     try:
         info = ray.get(worker.dtypes.remote(), timeout=600)
     finally:

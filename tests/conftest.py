@@ -1,4 +1,5 @@
-"""One Ray session for the whole suite: 2 CPUs, one fake GPU, no dashboard, a capped object store."""
+"""One Ray session for the whole suite (2 CPUs, one fake GPU, no dashboard, a capped object store) and one
+warm ``raysim.Session`` on it."""
 
 from __future__ import annotations
 
@@ -13,13 +14,27 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(scope="session")
 def ray_session():
+    """The suite's Ray, with one ``raysim.Session`` entered: runs reuse its warm workers and server actor."""
     import ray
+
+    from raysim.engine.session import Session
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=400 * 1024**2,
                  log_to_driver=False)
-    yield ray
+    with Session():
+        yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def free_cluster(ray_session):
+    """For a test that starts its own actors or child runs on the suite's Ray: the warm session's actors stop
+    first, so their CPUs are free."""
+    from raysim.engine.session import current
+
+    current().discard()
+    return ray_session
 
 
 @pytest.fixture

@@ -216,7 +216,7 @@ def test_the_workers_dp_ring_vector_holds_exactly_d_words(tiny_scenario):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(60, 16)).astype(np.float32), rng.integers(0, 5, 60)
     threads = torch.get_num_threads()
-    worker = ClientWorker(scenario, x, y, np.arange(60), np.arange(0, 61, 10), (16,), 5)
+    worker = ClientWorker.local(scenario, x, y, np.arange(60), np.arange(0, 61, 10), (16,), 5)
     torch.set_num_threads(threads)
     secure = SecureRound(scenario.secure_aggregation, round_params(scenario.secure_aggregation, 6), b"s" * 16, 1.0)
     plan = RoundPlan(secure=secure, clip_norm=0.5, noise_variance=4.0)

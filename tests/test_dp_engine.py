@@ -54,7 +54,7 @@ def test_every_clients_delta_respects_the_clip_bound():
     y = rng.integers(0, 3, 60)
     scenario = parse_scenario({"num_clients": 6, "sampling": {"clients_per_round": 6}, "model": {"kind": "mlp", "hidden": [8]},
                                "training": {"lr": 0.5, "epochs": 3, "batch_size": 4}, "privacy": {"mechanism": "central"}})
-    worker = ClientWorker(scenario, x, y, np.arange(60), np.arange(0, 61, 10), (4,), 3)
+    worker = ClientWorker.local(scenario, x, y, np.arange(60), np.arange(0, 61, 10), (4,), 3)
     torch.manual_seed(0)
     global_vec = worker.runtime.flat.numpy()
     for cid in range(6):

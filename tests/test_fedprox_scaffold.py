@@ -65,7 +65,7 @@ def _tiny_linear_setup():
         "model": {"kind": "logreg"}, "training": {"epochs": 3, "batch_size": 6, "lr": 0.5},
         "strategy": {"name": "scaffold", "server_lr": 1.0},
     })
-    worker = ClientWorker(scenario, x, y, np.arange(12), offsets, (2,), 2)
+    worker = ClientWorker.local(scenario, x, y, np.arange(12), offsets, (2,), 2)
     return scenario, worker, x, y, offsets
 
 

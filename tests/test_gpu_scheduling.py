@@ -12,18 +12,16 @@ import torch
 
 from raysim.config import parse_scenario
 from raysim.engine.cluster import plan_workers
-from raysim.engine.pool import create_workers
+from raysim.engine.pool import WorkerPool
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 EXPECTED_DEVICE = "cuda:0" if HAS_CUDA else "cpu"  # what pick_device gives a worker with a GPU share
 
 
-def test_four_quarter_gpu_workers_start_and_a_fifth_waits(ray_session):
+def test_four_quarter_gpu_workers_start_and_a_fifth_waits(free_cluster):
     scenario = parse_scenario({"model": {"kind": "logreg"}, "executor": {"num_cpus": 0, "num_gpus": 0.25}})
-    x, y = np.zeros((10, 4), np.float32), np.zeros(10, np.int64)
-    refs = [ray.put(a) for a in (x, y, np.arange(10), np.array([0, 10]))]
-    workers = create_workers(scenario, 5, refs, (4,), 2)
+    workers = WorkerPool(scenario.executor, 5).workers  # created at once; each starts when a share is free
     try:
         calls = [w.placement.remote() for w in workers]
         ready, pending = ray.wait(calls, num_returns=4, timeout=120)
@@ -50,7 +48,7 @@ def test_plan_workers_counts_fractional_gpus():
 
 
 @needs_cuda
-def test_a_quarter_gpu_worker_is_capped_to_its_share_of_device_memory(ray_session):
+def test_a_quarter_gpu_worker_is_capped_to_its_share_of_device_memory(free_cluster):
     """pick_device caps the worker's CUDA allocator to its fraction: an allocation beyond it raises
     OutOfMemoryError inside that worker only, which then still works, and a worker within its share
     allocates at the same time."""

@@ -58,7 +58,7 @@ def _worker(scenario: dict) -> tuple:
     resolved = parse_scenario(scenario)
     dataset = load_data(resolved)
     part = partition_data(resolved, dataset)
-    worker = ClientWorker(resolved, dataset.x_train, dataset.y_train, part.indices, part.offsets,
+    worker = ClientWorker.local(resolved, dataset.x_train, dataset.y_train, part.indices, part.offsets,
                           dataset.feature_shape, dataset.num_classes)
     return worker, initial_global(resolved, dataset.feature_shape, dataset.num_classes)
 

@@ -47,8 +47,13 @@ def _metrics_rounds(run_dir: Path) -> list[int]:
 
 
 def _start_run(tmp_path: Path, raw: dict, *flags: str) -> tuple[subprocess.Popen, Path]:
-    """``raysim run`` in a child process attached to the test's Ray cluster; returns it and its run folder."""
+    """``raysim run`` in a child process attached to the test's Ray cluster; returns it and its run folder.
+    The warm session's actors stop first: the child's workers need their CPUs."""
     import ray
+
+    from raysim.engine.session import current
+
+    current().discard()
 
     path = tmp_path / "scenario.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -76,7 +76,7 @@ def leaks(inbox: list, secrets: list[np.ndarray]) -> list[float]:
 
 
 @pytest.fixture
-def inbox_of(ray_session, tiny_scenario, tmp_path, monkeypatch):
+def inbox_of(free_cluster, tiny_scenario, tmp_path, monkeypatch):
     """Run round 0 of a secure scenario with the server body here; return its inbox and the secrets."""
     threads = torch.get_num_threads()
 
@@ -85,7 +85,7 @@ def inbox_of(ray_session, tiny_scenario, tmp_path, monkeypatch):
         dataset = load_data(scenario)
         part = partition_data(scenario, dataset)
         refs = [ray.put(a) for a in (dataset.x_train, dataset.y_train, part.indices, part.offsets)]
-        workers = create_workers(scenario, 2, refs, dataset.feature_shape, dataset.num_classes,
+        workers, prepared = create_workers(scenario, 2, refs, dataset.feature_shape, dataset.num_classes,
                                  client_key=new_storage_key())
         inbox: list = []
         real_get = ray.get
@@ -97,7 +97,8 @@ def inbox_of(ray_session, tiny_scenario, tmp_path, monkeypatch):
 
         try:
             server = RoundServer(scenario, workers, dataset.x_test, dataset.y_test, dataset.feature_shape,
-                                 dataset.num_classes, str(tmp_path / "state"), float(part.sizes().max()))
+                                 dataset.num_classes, str(tmp_path / "state"), float(part.sizes().max()),
+                                 prepared=prepared)
             start = server.core.global_vec.copy()
             monkeypatch.setattr(ray, "get", recording_get)
             metrics = server.run_round(0)
@@ -108,7 +109,7 @@ def inbox_of(ray_session, tiny_scenario, tmp_path, monkeypatch):
         # The same round's plaintext updates, from an independent in-process worker without secure aggregation.
         plain = parse_scenario(apply_overrides(tiny_scenario, [*SECURE[1:], *overrides, "secure_aggregation=null",
                                                                "compression=null", "strategy.name=fedavg"]))
-        reference = ClientWorker(plain, dataset.x_train, dataset.y_train, part.indices, part.offsets,
+        reference = ClientWorker.local(plain, dataset.x_train, dataset.y_train, part.indices, part.offsets,
                                  dataset.feature_shape, dataset.num_classes)
         sampled = sample_clients(scenario.sampling, scenario.num_clients, scenario.seed, 0)
         chunk = reference.train(start, None, 0, RoundPlan(per_client=True), 0,

@@ -113,7 +113,7 @@ def _fake_execute(outcomes: dict[str, Exception], calls: list[str]):
     """An ``execute`` that fails the runs named in ``outcomes`` and finishes the others at once."""
     from raysim.engine.runner import Result
 
-    def execute(scenario, address=None):
+    def execute(scenario, address=None, resume=None, session=None):
         calls.append(scenario.name)
         if scenario.name in outcomes:
             raise outcomes[scenario.name]

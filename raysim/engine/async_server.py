@@ -35,7 +35,7 @@ from raysim.engine.async_schedule import AsyncSchedule, StepPlan
 from raysim.engine.clock import VersionCache
 from raysim.engine.core import CoreServer, ServerCore
 from raysim.engine.evaluation import chunked
-from raysim.engine.pool import WORKER_LOST, WorkerFailures
+from raysim.engine.pool import WORKER_LOST, Prepared, WorkerFailures
 from raysim.engine.reduce import reduce
 from raysim.engine.system_model import ClientSystem
 from raysim.errors import ScenarioError
@@ -138,8 +138,10 @@ class AsyncServer(CoreServer):
 
     def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
                  feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
-                 max_client_weight: float = 1.0, *, system: ClientSystem, dp_total_weight: float = 1.0) -> None:
-        self.core = ServerCore(scenario, workers, x_test, y_test, feature_shape, num_classes, state_dir, dp_total_weight)
+                 max_client_weight: float = 1.0, *, system: ClientSystem, dp_total_weight: float = 1.0,
+                 prepared: Prepared | None = None) -> None:
+        self.core = ServerCore(scenario, workers, x_test, y_test, feature_shape, num_classes, state_dir, dp_total_weight,
+                               prepared)
         self.scenario = scenario
         run = scenario.asynchronous
         self.mode, self.alpha = run.mode, run.alpha

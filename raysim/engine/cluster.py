@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+from pathlib import Path
 from typing import Any, Iterator
 
 import ray
@@ -20,6 +21,47 @@ from raysim.errors import ScenarioError
 
 
 PROBE_SECONDS = 5.0
+
+
+class RayNotices(logging.Handler):
+    """Ray's own Python log records (such as its token-authentication notice), kept off the console from the
+    moment a session connects until it closes, and written to the current run folder's ``ray.log``; what
+    arrives between runs waits for the next one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.waiting: list[str] = []
+        self.path: Path | None = None
+        self.saved: list[logging.Handler] | None = None
+
+    def install(self) -> None:
+        logger = logging.getLogger("ray")
+        if self.saved is None:
+            self.saved, logger.handlers = logger.handlers[:], [self]
+
+    def uninstall(self) -> None:
+        if self.saved is not None:
+            logging.getLogger("ray").handlers, self.saved = self.saved, None
+
+    def to(self, path: Path | None) -> None:
+        """Write to ``path`` from now on (None: hold the lines for the next run)."""
+        with self.lock:
+            self.path = path
+            if path is not None and self.waiting:
+                self._append(self.waiting)
+                self.waiting = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record)
+        if self.path is None:
+            self.waiting.append(line)
+        else:
+            self._append([line])
+
+    def _append(self, lines: list[str]) -> None:
+        with open(self.path, "a", encoding="utf-8") as log:
+            log.write("".join(line + "\n" for line in lines))
 
 
 def connect(address: str | None = None) -> bool:
@@ -97,21 +139,20 @@ def available_workers(executor: ExecutorConfig) -> int:
     return plan_workers(executor, ray.cluster_resources())
 
 
-def disconnect() -> None:
-    ray.shutdown()
-
-
 @contextlib.contextmanager
 def no_ray(error: type[BaseException]) -> Iterator[None]:
-    """Within the block, starting or joining Ray raises ``error`` (the fuzz harness runs no case on Ray)."""
-    import raysim.engine.runner as runner
+    """Within the block, starting or joining Ray raises ``error``, even inside a session (the fuzz harness
+    runs no case on Ray)."""
+    import raysim.engine.session as session
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise error
 
-    saved = runner.connect, ray.init
-    runner.connect, ray.init = refuse, refuse
+    saved, entered = (session.connect, ray.init), session._active[:]
+    session.connect, ray.init = refuse, refuse
+    session._active.clear()  # a session already connected would otherwise let the run through
     try:
         yield
     finally:
-        runner.connect, ray.init = saved
+        session.connect, ray.init = saved
+        session._active[:] = entered

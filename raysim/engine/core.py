@@ -21,7 +21,7 @@ from raysim.client.state import make_state_store
 from raysim.config import Scenario
 from raysim.engine import checkpoint
 from raysim.engine.evaluation import Evaluator
-from raysim.engine.pool import WorkerFailures
+from raysim.engine.pool import Prepared, WorkerFailures
 from raysim.engine.reduce import Reduction, update_metrics
 from raysim.errors import ScenarioError
 from raysim.models.flat import FlatParams
@@ -45,7 +45,7 @@ def initial_global(scenario: Scenario, feature_shape: tuple[int, ...], num_class
 class ServerCore:
     def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
                  feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
-                 dp_total_weight: float = 1.0) -> None:
+                 dp_total_weight: float = 1.0, prepared: Prepared | None = None) -> None:
         torch.set_num_threads(1)
         self.scenario, self.workers = scenario, workers
         model, flat = initial_model(scenario, feature_shape, num_classes)  # built once, kept for evaluation
@@ -64,7 +64,7 @@ class ServerCore:
         if scenario.privacy is not None:
             self._privacy(dp_total_weight)
         self.run_dir = None if state_dir is None else Path(state_dir).parent
-        self.failures = WorkerFailures(scenario.executor.max_worker_failures)
+        self.failures = WorkerFailures(scenario.executor.max_worker_failures, prepared)  # re-prepares restarted workers
         self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "worker_failures_total": 0,
                        "client_errors_total": 0, "rejected_total": 0}
 

@@ -12,18 +12,22 @@ down, counts the deaths and stops the run once its budget is spent.
 
 from __future__ import annotations
 
+import secrets
 import time
+import uuid
 from collections import deque
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import ray
 
-from raysim.config import Scenario
-from raysim.engine.worker import ClientWorker
+from raysim.config import ExecutorConfig, Scenario
+from raysim.engine.handover import WorkerNotReady, WorkerSetup, seal_for_workers
 from raysim.errors import ScenarioError, first_line
 
+# WorkerNotReady: a call reached a worker Ray restarted, which holds no run until it is prepared again.
 WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
-               ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError)
+               ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError, WorkerNotReady)
 
 
 _RETRIES_PER_DEATH = 60  # calls lost on a worker that is down before it counts as dead again
@@ -40,8 +44,11 @@ class WorkerFailures:
     added for a lost node). When every worker is down, calls go to all of them after a backoff.
     """
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, prepared: Prepared | None = None) -> None:
         self.budget, self.count = budget, 0
+        # The probe prepares a restarted worker for the run again; without a run it only asks where it is.
+        self.probe: Callable[[ray.actor.ActorHandle], ray.ObjectRef] = (
+            (lambda worker: worker.placement.remote()) if prepared is None else prepared.call)
         self.down: dict[int, int] = {}  # worker position → calls lost since its death was counted
         self.probes: dict[int, ray.ObjectRef] = {}
 
@@ -82,7 +89,7 @@ class WorkerFailures:
                 except WORKER_LOST:
                     probe = None
             if probe is None:
-                self.probes[position] = workers[position].placement.remote()
+                self.probes[position] = self.probe(workers[position])
         live = [position for position in range(len(workers)) if position not in self.down]
         if live:
             return live
@@ -91,24 +98,86 @@ class WorkerFailures:
 
 
 def lost_position(err: BaseException, workers: Sequence[ray.actor.ActorHandle]) -> int:
-    """The position of the worker a RayActorError is about (-1 when it names none of them)."""
+    """The position of the worker a RayActorError (or a WorkerNotReady) is about (-1 when it names none of them)."""
+    position = getattr(getattr(err, "cause", err), "position", None)
+    if isinstance(position, int):
+        return position
     actor_id = getattr(err, "actor_id", None)
     ids = [w._actor_id.hex() for w in workers]
     return ids.index(actor_id) if actor_id in ids else -1
 
 
-def create_workers(scenario: Scenario, num_workers: int, data_refs: Sequence[ray.ObjectRef], feature_shape: tuple[int, ...],
-                   num_classes: int, worker_class: type = ClientWorker,
-                   client_key: bytes | None = None) -> list[ray.actor.ActorHandle]:
-    """Start ``num_workers`` worker actors with the scenario's CPU and GPU shares, restarted when they die.
+@dataclass(frozen=True)
+class Prepared:
+    """A run the pool's workers hold: its token and its ``WorkerSetup``, boxed so Ray passes the reference."""
 
-    ``client_key`` is the simulated clients' storage key (``privacy.secagg.sealed_state``): the workers
-    get it, the server actor never does.
+    token: str
+    boxed: list[ray.ObjectRef]
+
+    def call(self, worker: ray.actor.ActorHandle) -> ray.ObjectRef:
+        """Prepare ``worker`` for this run (a no-op on a worker that holds it); returns its position."""
+        return worker.prepare.remote(self.token, self.boxed)
+
+
+class WorkerPool:
+    """``num_workers`` worker actors of one resource shape, restarted by Ray when they die and reused across runs.
+
+    The actors are created at once and warm torch up in their constructors, in parallel; a run hands them
+    its data afterwards (``prepare``), so no constructor argument lives in the object store and a restarted
+    actor is prepared again from the run's payload. The pool's secret, given to the workers at creation,
+    seals the clients' storage key on its way through the server actor.
     """
-    executor = scenario.executor
-    actor = ray.remote(num_cpus=executor.num_cpus, num_gpus=executor.num_gpus, max_restarts=-1)(worker_class)
-    return [actor.remote(scenario, *data_refs, feature_shape, num_classes, position=k, client_key=client_key)
-            for k in range(num_workers)]
+
+    def __init__(self, executor: ExecutorConfig, num_workers: int, worker_class: type | None = None) -> None:
+        if worker_class is None:
+            from raysim.engine.worker import ClientWorker as worker_class  # torch: imported beside ray.init (runner)
+        self.shape = shape_of(executor, num_workers)
+        self.secret = secrets.token_bytes(32)
+        actor = ray.remote(num_cpus=executor.num_cpus, num_gpus=executor.num_gpus, max_restarts=-1)(worker_class)
+        self.workers = [actor.remote(k, executor.num_gpus, self.secret) for k in range(num_workers)]
+
+    def prepare(self, scenario: Scenario, data_refs: Sequence[ray.ObjectRef], feature_shape: tuple[int, ...],
+                num_classes: int, client_key: bytes | None = None) -> tuple[Prepared, list[ray.ObjectRef]]:
+        """Hand every worker the run; returns it and the calls to wait for, once, with whatever else starts
+        (the first wait also covers the workers' start-up).
+
+        ``client_key`` is the simulated clients' storage key (``privacy.secagg.sealed_state``): it travels sealed
+        under the pool's secret, so only the workers can read it, never the server actor.
+        """
+        sealed = None if client_key is None else seal_for_workers(self.secret, client_key)
+        setup = WorkerSetup(uuid.uuid4().hex, scenario, tuple(data_refs), tuple(feature_shape), int(num_classes), sealed)
+        prepared = Prepared(setup.token, [ray.put(setup)])
+        return prepared, [prepared.call(worker) for worker in self.workers]
+
+    def release(self) -> bool:
+        """Make every worker drop the finished run's state (and its zero-copy views of the run's data); False
+        when one could not, and the pool was stopped instead (a worker that cannot release is not reused)."""
+        try:
+            ray.get([worker.release.remote() for worker in self.workers], timeout=60)
+            return True
+        except (*WORKER_LOST, ray.exceptions.GetTimeoutError):
+            self.kill()
+            return False
+
+    def kill(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+
+
+def shape_of(executor: ExecutorConfig, num_workers: int) -> tuple[float, float, int]:
+    """What a pool's actors are sized by: a run with another shape needs new actors."""
+    return float(executor.num_cpus), float(executor.num_gpus), int(num_workers)
+
+
+def create_workers(scenario: Scenario, num_workers: int, data_refs: Sequence[ray.ObjectRef], feature_shape: tuple[int, ...],
+                   num_classes: int, worker_class: type | None = None,
+                   client_key: bytes | None = None) -> tuple[list[ray.actor.ActorHandle], Prepared]:
+    """A fresh pool of ``num_workers`` workers prepared for ``scenario``: its actors and the run they hold."""
+    pool = WorkerPool(scenario.executor, num_workers, worker_class)
+    prepared, calls = pool.prepare(scenario, data_refs, feature_shape, num_classes, client_key)
+    ray.get(calls)
+    return pool.workers, prepared
 
 
 def map_chunks(

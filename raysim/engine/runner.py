@@ -1,4 +1,5 @@
-"""The round driver: loads data once, starts the pool and the server actor, and runs the rounds.
+"""The round driver: loads data once (beside ``ray.init``), takes the session's pool and server actor, and
+runs the rounds.
 
 The driver process owns nothing but tracking: the server actor owns the model and the strategy, the
 workers own training. Data goes into the object store exactly once. The server actor runs on the
@@ -21,19 +22,16 @@ from typing import Any, Iterator
 
 import numpy as np
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raysim.adversary.clients import check_labels
 from raysim.config import Scenario
 from raysim.data.load import load_data, partition_data
 from raysim.data.partition import summarize
 from raysim.engine import checkpoint
-from raysim.engine.cluster import connect, plan_workers
-from raysim.engine.pool import create_workers
+from raysim.engine.cluster import plan_workers
 from raysim.engine.secure import quantization_error
-from raysim.engine.async_server import AsyncServer
-from raysim.engine.server import RoundServer
-from raysim.engine.worker import ClientWorker
+from raysim.engine.session import Session, current
+from raysim.engine.startup import Background, StartupProfile
 from raysim.engine.system_model import client_system
 from raysim.engine.validation import validate
 from raysim.errors import ScenarioError
@@ -51,6 +49,7 @@ class Result:
     history: list[dict[str, Any]] = field(default_factory=list)
     global_vector: np.ndarray | None = None
     round_seconds: list[float] = field(default_factory=list)
+    startup: StartupProfile | None = None
 
     @property
     def final_accuracy(self) -> float | None:
@@ -97,86 +96,119 @@ def _deferred_signals() -> Iterator[dict[str, int]]:
             signal.signal(sig, old)
 
 
-def execute(scenario: Scenario, address: str | None = None, resume: Path | None = None) -> Result:
-    """Run ``scenario`` to completion on the embedded local Ray or the cluster at ``address``.
+def execute(scenario: Scenario, address: str | None = None, resume: Path | None = None,
+            session: Session | None = None) -> Result:
+    """Run ``scenario`` to completion in ``session`` (by default the one entered in this process, else a
+    temporary one on the embedded local Ray or the cluster at ``address``).
 
     With ``resume`` (a run folder), continue that run from its newest checkpoint; the result is
     bit-identical to an uninterrupted run.
     """
-    started = time.perf_counter()
+    profile = StartupProfile()
+    temporary = session is None and current() is None
+    session = session or current() or Session(address)
+    clean = False
+    try:
+        result = _execute(scenario, session, resume, profile)
+        clean = True
+        return result
+    except (ScenarioError, Interrupted):
+        clean = True
+        raise
+    finally:
+        if temporary:
+            session.close()
+        elif session.connected:
+            session.end_run(clean)
+
+
+def _load(scenario: Scenario) -> tuple[Any, Any, Any]:
+    """What needs no Ray: the actors' modules (torch), the checks, the data, its partition and the clients'
+    systems (run beside ``ray.init``)."""
+    import raysim.engine.server_host  # noqa: F401  (and the worker's module: the actors' classes)
+
     validate(scenario)
     dataset = load_data(scenario)
     part = partition_data(scenario, dataset)
-    system = client_system(scenario, part.sizes())  # a malformed trace fails here, before Ray starts
+    system = client_system(scenario, part.sizes())  # a malformed trace fails here, before any actor starts
     if scenario.adversary is not None:
         check_labels(scenario.adversary, dataset.num_classes, dataset.feature_shape)
+    return dataset, part, system
+
+
+def _execute(scenario: Scenario, session: Session, resume: Path | None, profile: StartupProfile) -> Result:
+    started = time.perf_counter()
     saved = None if resume is None else checkpoint.latest(resume)
-    owns_ray = connect(address)
-    actors: list = []
-    tracker: Tracker | None = None
+    loading = Background(profile, "checks, data load and partition (beside ray.init)", _load, scenario)
     try:
+        with profile.span("ray.init" if not session.connected else "ray (connected)"):
+            session.start()
+    except BaseException:
+        loading.result()  # a scenario's error wins over Ray's
+        raise
+    tracker: Tracker | None = None
+    with profile.span("actors requested (they start and warm up in parallel)"):
         num_workers = plan_workers(scenario.executor, ray.cluster_resources())
-        if resume is None:
-            folder = RunFolder.create(scenario)
-            folder.write_config(scenario)
-            folder.write_json("partition.json", summarize(part, dataset.y_train, dataset.num_classes, seed=scenario.seed))
-        else:
-            folder = RunFolder(resume)
-        history = folder.keep_metrics(0 if saved is None else saved.rounds_done)
-        workers, server = _start_actors(scenario, num_workers, dataset, part, system, folder.path)
+        pool, host = session.pool(scenario.executor, num_workers), session.server_host()
+    dataset, part, system = loading.result()
+    if resume is None:
+        folder = RunFolder.create(scenario)
+        folder.write_config(scenario)
+        folder.write_json("partition.json", summarize(part, dataset.y_train, dataset.num_classes, seed=scenario.seed))
+    else:
+        folder = RunFolder(resume)
+    history = folder.keep_metrics(0 if saved is None else saved.rounds_done)
+    session.notices.to(folder.path / "ray.log")  # Ray's notices, off the console
+    with profile.span("ray.put"):
+        data_refs = [ray.put(a) for a in (dataset.x_train, dataset.y_train, part.indices, part.offsets)]
+        test_refs = [ray.put(dataset.x_test), ray.put(dataset.y_test)]
+    with profile.span("actors ready: start-up, warm-up and the run handed over"):
+        prepared, calls = pool.prepare(scenario, data_refs, dataset.feature_shape, dataset.num_classes,
+                                       client_key=_client_storage_key(scenario, folder.path))
+        extra = {} if scenario.privacy is None else {"dp_total_weight": dp_total_weight(scenario, part.sizes())}
+        calls.append(host.start.remote(
+            scenario.asynchronous is not None, scenario, pool.workers, *test_refs, dataset.feature_shape,
+            dataset.num_classes, str(folder.path / checkpoint.STORE_DIR), float(max(part.sizes().max(), 1)),
+            system=system, prepared=prepared, **extra))
         del dataset, part  # the object store holds the only copy from here on
-        actors = [*workers, server]
+        try:
+            ray.get(calls)
+        except ray.exceptions.RayTaskError as err:
+            raise _unwrap(err) from None
+    try:
         first = 0
         if saved is not None:
-            ray.get(server.restore_checkpoint.remote(str(saved.path), saved.rounds_done))
+            ray.get(host.restore_checkpoint.remote(str(saved.path), saved.rounds_done))
             first = saved.rounds_done
             print(f"raysim: resuming {folder.path} after round {first}", file=sys.stderr)
         tracker = Tracker(folder, scenario, done=first)
         round_seconds: list[float] = []
         rounds_started = time.perf_counter()
-        _run_rounds(scenario, server, workers, first, history, tracker, folder.path, round_seconds)
-        final_vec = ray.get(server.global_vector.remote())
-        ray.get(server.close.remote())
-        privacy = ray.get(server.privacy_report.remote()) if scenario.privacy is not None else None
+        _run_rounds(scenario, host, pool.workers, first, history, tracker, folder, round_seconds, profile)
+        final_vec = ray.get(host.global_vector.remote())
+        ray.get(host.close.remote())
+        privacy = ray.get(host.privacy_report.remote()) if scenario.privacy is not None else None
         rounds_seconds = time.perf_counter() - rounds_started
+        folder.sync_metrics()
         folder.write_model(final_vec)
         summary = _summary(scenario, num_workers, final_vec, history, started, len(round_seconds), rounds_seconds)
+        summary["startup"] = profile.table()
         if saved is not None:
             summary["resumed_after_round"] = saved.rounds_done
         if privacy is not None:
             summary["privacy"] = privacy
         folder.write_json("summary.json", summary)
         tracker.finish(summary)
-        return Result(run_dir=folder.path, summary=summary, history=history, global_vector=final_vec, round_seconds=round_seconds)
+        return Result(run_dir=folder.path, summary=summary, history=history, global_vector=final_vec,
+                      round_seconds=round_seconds, startup=profile)
     finally:
+        folder.sync_metrics()
         if tracker is not None:
             tracker.abort()
-        for actor in actors:
-            ray.kill(actor)
-        if owns_ray:
-            ray.shutdown()
-
-
-def _start_actors(scenario: Scenario, num_workers: int, dataset: Any, part: Any, system: Any,
-                  run_dir: Path) -> tuple[list, Any]:
-    """The worker actors and the server actor, with the data in the object store."""
-    data_refs = [ray.put(a) for a in (dataset.x_train, dataset.y_train, part.indices, part.offsets)]
-    test_refs = [ray.put(dataset.x_test), ray.put(dataset.y_test)]
-    feature_shape, num_classes = dataset.feature_shape, dataset.num_classes
-    max_client_weight = float(max(part.sizes().max(), 1))
-    extra = {} if scenario.privacy is None else {"dp_total_weight": dp_total_weight(scenario, part.sizes())}
-    workers = create_workers(scenario, num_workers, data_refs, feature_shape, num_classes, ClientWorker,
-                             client_key=_client_storage_key(scenario, run_dir))
-    server_class = AsyncServer if scenario.asynchronous else RoundServer  # async: a round is a server step
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    server = ray.remote(num_cpus=0, scheduling_strategy=here)(server_class).remote(  # it writes the run folder
-        scenario, workers, *test_refs, feature_shape, num_classes, str(run_dir / checkpoint.STORE_DIR),
-        max_client_weight, system=system, **extra)
-    return workers, server
 
 
 def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, history: list[dict[str, Any]],
-                tracker: Tracker, run_dir: Path, round_seconds: list[float]) -> None:
+                tracker: Tracker, folder: RunFolder, round_seconds: list[float], profile: StartupProfile) -> None:
     """Rounds ``first``.. to the end (or a DP budget's stop), logging and checkpointing; a SIGINT or SIGTERM
     ends the run after the round in flight, with a checkpoint."""
     every = scenario.checkpoint.every
@@ -198,11 +230,14 @@ def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, hist
                 history.append(metrics)
                 tracker.log(metrics)
                 round_seconds.append(time.perf_counter() - tick)
+                if round_index == first:
+                    profile.add("first round", time.time() - round_seconds[-1], round_seconds[-1])
                 done = round_index + 1
                 if caught or (done % every == 0 and done < scenario.rounds):
                     ray.get(server.save_checkpoint.remote(done))
+                    folder.sync_metrics()
                 if caught:
-                    raise Interrupted(caught["signum"], done, run_dir)
+                    raise Interrupted(caught["signum"], done, folder.path)
         except ray.exceptions.RayTaskError as err:
             raise _unwrap(err) from None
 

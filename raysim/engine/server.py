@@ -24,7 +24,7 @@ from raysim.config import Scenario
 from raysim.engine.clock import SyncClock
 from raysim.engine.core import CoreServer, ServerCore
 from raysim.engine.evaluation import chunked
-from raysim.engine.pool import WORKER_LOST, lost_position, map_chunks
+from raysim.engine.pool import WORKER_LOST, Prepared, lost_position, map_chunks
 from raysim.engine.reduce import ServerRound, reduce
 from raysim.engine.sampling import sample_clients
 from raysim.engine.secure import SecureRelease, SecureSum, release_of, secure_sum
@@ -52,8 +52,10 @@ class RoundServer(CoreServer):
 
     def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
                  feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
-                 max_client_weight: float = 1.0, system: ClientSystem | None = None, dp_total_weight: float = 1.0) -> None:
-        self.core = ServerCore(scenario, workers, x_test, y_test, feature_shape, num_classes, state_dir, dp_total_weight)
+                 max_client_weight: float = 1.0, system: ClientSystem | None = None, dp_total_weight: float = 1.0,
+                 prepared: Prepared | None = None) -> None:
+        self.core = ServerCore(scenario, workers, x_test, y_test, feature_shape, num_classes, state_dir, dp_total_weight,
+                               prepared)
         self.scenario = scenario
         uncapped = scenario.strategy.client_weighting == "samples" and self.core.central_dp is None
         self.weight_bound = max_client_weight if uncapped else 1.0  # DP-FedAvg weights are min(n/cap, 1) ≤ 1

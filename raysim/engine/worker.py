@@ -1,8 +1,8 @@
 """The worker actor: one execution slot that keeps a model resident and runs the client pipeline over chunks.
 
-A worker is created once per run with the training arrays (zero-copy views of the object store) and
-the partition's CSR layout. Each call carries the round's global vector and a chunk of client ids; the
-worker runs each client through the update pipeline (``raysim.client.pipeline``), whose encoding folds
+A worker is created once per session and warmed up; each run prepares it (``engine.handover``) with the
+training arrays (zero-copy views of the object store) and the partition's CSR layout. Each call
+carries the round's global vector and a chunk of client ids; the worker runs each client through the update pipeline (``raysim.client.pipeline``), whose encoding folds
 their weighted deltas into one partial sum in client-id order, so the server receives one vector per
 chunk rather than one per client.
 """
@@ -13,6 +13,7 @@ import os
 import resource
 
 import numpy as np
+import ray
 import torch
 
 from raysim.client.build import build_pipeline
@@ -24,13 +25,14 @@ from raysim.client.train import evaluate
 from raysim.client.training import ClientRuntime
 from raysim.config import Scenario
 from raysim.engine.faults import WorkerChaos
+from raysim.engine.handover import WorkerNotReady, WorkerSetup, open_sealed
 from raysim.models.task import task_for
 from raysim.models.zoo import build_model
 from raysim.privacy.secagg import PhaseOutput
 from raysim.privacy.secagg.sealed_state import RowSealer
 from raysim.strategies import make_client_half
 
-__all__ = ["ChunkResult", "ClientBatch", "ClientWorker", "RoundPlan", "pick_device"]
+__all__ = ["ChunkResult", "ClientBatch", "ClientWorker", "RoundPlan", "pick_device", "warm_up"]
 
 
 def pick_device(num_gpus: float) -> torch.device:
@@ -46,25 +48,73 @@ def pick_device(num_gpus: float) -> torch.device:
     return torch.device("cpu")
 
 
-class ClientWorker:
-    """The body of the worker actor; plain Python, so it is also usable without Ray."""
+def warm_up() -> None:
+    """One forward, backward and optimizer step on a throwaway model: torch's first backward costs about a
+    second of lazy imports, which would otherwise land in the first round."""
+    model = torch.nn.Linear(2, 2)
+    loss = torch.nn.functional.cross_entropy(model(torch.zeros(2, 2)), torch.tensor([0, 1]))
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
 
-    def __init__(self, scenario: Scenario, x_train: np.ndarray, y_train: np.ndarray, part_indices: np.ndarray,
-                 part_offsets: np.ndarray, feature_shape: tuple[int, ...], num_classes: int, position: int = 0,
-                 client_key: bytes | None = None) -> None:
+
+class ClientWorker:
+    """The body of the worker actor; plain Python, so it is also usable without Ray (``ClientWorker.local``).
+
+    A worker outlives runs: the constructor takes only its slot (position and pool secret) and warms torch
+    up; ``prepare`` builds a run's model, optimizer, pipeline and data views, and ``release`` drops them.
+    Before ``prepare`` any call raises ``WorkerNotReady``, which the pool treats as a lost worker.
+    """
+
+    def __init__(self, position: int = 0, num_gpus: float = 0.0, pool_secret: bytes | None = None) -> None:
+        self.position, self.pool_secret = position, pool_secret
+        self.device = pick_device(num_gpus)
+        self.token: str | None = None
+        warm_up()
+
+    def __getattr__(self, name: str) -> object:  # only reached for run state that ``prepare`` has not set
+        raise WorkerNotReady(self.__dict__.get("position", -1))
+
+    @classmethod
+    def local(cls, scenario: Scenario, x_train: np.ndarray, y_train: np.ndarray, part_indices: np.ndarray,
+              part_offsets: np.ndarray, feature_shape: tuple[int, ...], num_classes: int,
+              client_key: bytes | None = None) -> ClientWorker:
+        """A worker prepared in this process from plain arrays (tests and single-process baselines)."""
+        worker = cls(num_gpus=scenario.executor.num_gpus)
+        worker.setup(scenario, (x_train, y_train, part_indices, part_offsets), feature_shape, num_classes, client_key)
+        return worker
+
+    def prepare(self, token: str, setup: list[ray.ObjectRef]) -> int:
+        """Hold the run ``token`` names, whose ``WorkerSetup`` is boxed in ``setup`` (a list, so Ray passes the
+        reference unresolved); a no-op when this worker already holds it. Returns this worker's position."""
+        if self.token != token:
+            payload: WorkerSetup = ray.get(setup[0])
+            key = None if payload.sealed_client_key is None else open_sealed(self.pool_secret, payload.sealed_client_key)
+            self.setup(payload.scenario, tuple(ray.get(list(payload.data))), payload.feature_shape, payload.num_classes, key)
+            self.token = token
+        return self.position
+
+    def setup(self, scenario: Scenario, data: tuple[np.ndarray, ...], feature_shape: tuple[int, ...],
+              num_classes: int, client_key: bytes | None = None) -> None:
+        """Build the run's state from ``scenario`` (the model, optimizer, pipeline, data views)."""
+        self.release()
         self.scenario = scenario
-        self.chaos = WorkerChaos(scenario.faults, position)
+        self.chaos = WorkerChaos(scenario.faults, self.position)
         torch.set_num_threads(max(1, int(scenario.executor.num_cpus)))
-        device = pick_device(scenario.executor.num_gpus)
+        device = self.device
         model = build_model(scenario.model, feature_shape, num_classes, device=device).to(device)
         self.runtime = ClientRuntime.of(scenario, model, task_for(scenario.model), device)
         self.pipeline = build_pipeline(
             scenario, num_classes, runtime=self.runtime, strategy=make_client_half(scenario.strategy, scenario.training.lr),
             sealer=None if client_key is None else RowSealer(client_key))  # secure rounds' client state
         self.encoding: Encoding = self.pipeline.find(Encoding)
-        self.x, self.y = x_train, y_train
-        self.indices, self.offsets = part_indices, part_offsets
+        self.x, self.y, self.indices, self.offsets = data
         self.holdout = scenario.evaluation.holdout_fraction if scenario.evaluation.federated else 0.0
+
+    def release(self) -> None:
+        """Drop the run's state, so the object store can free its data once the run ends."""
+        self.token = None
+        for name in ("scenario", "chaos", "runtime", "pipeline", "encoding", "x", "y", "indices", "offsets", "holdout"):
+            self.__dict__.pop(name, None)
 
     def _client_arrays(self, client_id: int, held_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The client's training (or held-out) samples."""
@@ -112,7 +162,7 @@ class ClientWorker:
         """Σ w·Δ in float64 over ``client_ids`` held here, for ``secure_aggregation.diagnostics``: called by
         the driver, never by the server actor, and never part of the protocol; None when this worker no
         longer holds them (it was restarted). Forgets the plain updates."""
-        return self.encoding.plain_sum(client_ids, dim)
+        return None if self.token is None and "encoding" not in self.__dict__ else self.encoding.plain_sum(client_ids, dim)
 
     def evaluate(self, global_vec: np.ndarray, index: int, client_ids: np.ndarray) -> EvalResult:
         """Federated evaluation: the global model on each client's held-out samples."""
@@ -135,8 +185,6 @@ class ClientWorker:
 
     def placement(self) -> dict[str, object]:
         """Where this worker runs: its node, process and device (for tests and reports)."""
-        import ray
-
         context = ray.get_runtime_context()
-        return {"node_id": context.get_node_id(), "pid": os.getpid(), "device": str(self.runtime.device),
+        return {"node_id": context.get_node_id(), "pid": os.getpid(), "device": str(self.device),
                 "gpu_ids": ray.get_gpu_ids()}

@@ -1,0 +1,53 @@
+"""``raysim.Session``: runs in a warm session reuse its workers and give the model a fresh process gives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import ray
+import yaml
+
+import raysim
+from raysim.engine.session import current
+
+
+def _worker_pids() -> list[int]:
+    pool = current()._pool
+    return sorted(info["pid"] for info in ray.get([w.placement.remote() for w in pool.workers]))
+
+
+def test_a_warm_session_reuses_its_workers_and_matches_a_fresh_process_bit_for_bit(ray_session, tiny_scenario, tmp_path):
+    session = current()
+    # Another scenario first, of the same resource shape: the workers must drop all of its state.
+    other = {**tiny_scenario, "name": "other", "seed": 11, "strategy": {"name": "scaffold"},
+             "model": {"kind": "mlp", "hidden": [8]}, "training": {"epochs": 2, "batch_size": 8, "lr": 0.3}}
+    raysim.run(other)
+    pools, pids = session.pools_started, _worker_pids()
+    warm = raysim.run(tiny_scenario)
+    assert session.pools_started == pools and _worker_pids() == pids  # the same two worker processes
+    assert warm.summary["startup"]["ray (connected)"]["seconds"] < 0.1  # no ray.init in a warm session
+
+    # The same scenario in a fresh `raysim run` process, whose new workers join the suite's Ray.
+    session.discard()  # its workers hold the CPUs the child's workers need
+    path = tmp_path / "fresh.yaml"
+    path.write_text(yaml.safe_dump({**tiny_scenario, "output": {"dir": str(tmp_path / "fresh")}}))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "disabled"}
+    child = subprocess.run([sys.executable, "-m", "raysim.cli", "run", str(path), "--address",
+                            ray.get_runtime_context().gcs_address], env=env, capture_output=True, text=True, timeout=240)
+    assert child.returncode == 0, child.stderr[-2000:]
+    fresh = (tmp_path / "fresh" / tiny_scenario["name"] / "final_model.npy").read_bytes()
+    assert (warm.run_dir / "final_model.npy").read_bytes() == fresh
+
+
+def test_a_new_resource_shape_restarts_the_pool_and_the_same_shape_does_not(ray_session, tiny_scenario):
+    session = current()
+    raysim.run(tiny_scenario)
+    pools = session.pools_started
+    one = raysim.run(tiny_scenario, overrides=["executor.num_workers=1"])
+    assert session.pools_started == pools + 1 and len(session._pool.workers) == 1
+    again = raysim.run(tiny_scenario, overrides=["executor.num_workers=1", "seed=4"])
+    assert session.pools_started == pools + 1
+    assert not np.array_equal(one.global_vector, again.global_vector)  # the second run did train from its own seed
