@@ -2,12 +2,14 @@
 
 Every client holds the same number of samples (an IID split of a synthetic set sized to the
 population), and 100 clients train per round, so the work per round is the same at every size; only
-the population grows. Each size runs in a fresh process with its own local Ray so memory is measured
-cleanly. Peak RSS is the driver's peak plus the largest summed RSS, sampled every 0.5 s during the run,
-of the processes this run's raylet started (workers, server, Ray's own agents).
+the population grows. The mean seconds per round leave out the warm-up rounds and every round that
+evaluates (its test set grows with the population). Each size runs in a fresh process with its own
+local Ray so memory is measured cleanly: every 0.5 s the PSS (shared pages, such as the object store's,
+counted once) of the driver, the raylet, the GCS and every process the raylet started (workers, the
+server actor, Ray's agents) is summed at the same instant, and the peak of those sums is reported.
 
-Prints one line per size, then ``peak_rss_gb_1m: Y`` and, last, ``scale_ratio: X`` (seconds per round
-at 1,000,000 / at 10,000). Targets: scale_ratio <= 1.2 and peak_rss_gb_1m < 4.
+Prints one line per size, then ``peak_pss_gb_1m: Y`` and, last, ``scale_ratio: X`` (seconds per round
+at 1,000,000 / at 10,000). Targets: scale_ratio <= 1.2 and peak_pss_gb_1m < 3.0.
 Usage: python scripts/bench_scale.py [--sizes 10000 100000 1000000] [--rounds 15]
 """
 
@@ -20,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 
-from rss import MemorySampler, driver_peak_rss, measure, raylet
+import psutil
+from rss import MemorySampler, measure, raylet
 
 SAMPLES_PER_CLIENT = 8
 
@@ -47,17 +50,24 @@ def one_size(population: int, rounds: int, warmup: int) -> dict:
             "executor": {"num_workers": 2, "clients_per_call": 10},
             "tracking": {"progress": False}, "output": {"dir": out},
         }
-        session = raylet()
-        with MemorySampler(lambda: measure(session.children(recursive=True))) as sampler:
+        node = raylet()
+        gcs = psutil.Process(ray._private.worker._global_node.all_processes["gcs_server"][0].process.pid)
+        driver = psutil.Process()
+        driver_peak = [0]
+
+        def sample():
+            driver_peak[0] = max(driver_peak[0], measure([driver], pss=True).pss)
+            return measure([driver, node, gcs, *node.children(recursive=True)], pss=True)
+
+        with MemorySampler(sample) as sampler:
             result = raysim.run(raw)
-    driver_peak = driver_peak_rss()
     ray.shutdown()
+    training = [s for s, m in list(zip(result.round_seconds, result.history))[warmup:] if "accuracy" not in m]
     return {
         "population": population,
-        "seconds_per_round": float(np.mean(result.round_seconds[warmup:])),
-        "driver_peak_rss_gb": driver_peak / 2**30,
-        "workers_rss_gb": sampler.peak.rss / 2**30,
-        "peak_rss_gb": (driver_peak + sampler.peak.rss) / 2**30,
+        "seconds_per_round": float(np.mean(training)),
+        "driver_peak_pss_gb": driver_peak[0] / 2**30,
+        "peak_pss_gb": sampler.peak.pss / 2**30,
         "accuracy": result.final_accuracy,
     }
 
@@ -78,11 +88,11 @@ def main() -> None:
                                "--warmup", str(args.warmup)], capture_output=True, text=True, check=True)
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"population {size:>9}: {row['seconds_per_round']:.4f} s/round, peak RSS {row['peak_rss_gb']:.2f} GB "
-              f"(driver {row['driver_peak_rss_gb']:.2f} GB, actors {row['workers_rss_gb']:.2f} GB)", flush=True)
+        print(f"population {size:>9}: {row['seconds_per_round']:.4f} s/round, peak PSS {row['peak_pss_gb']:.2f} GB "
+              f"(the driver's own peak {row['driver_peak_pss_gb']:.2f} GB)", flush=True)
     by_size = {r["population"]: r for r in rows}
     largest, smallest = max(by_size), min(by_size)
-    print(f"peak_rss_gb_1m: {by_size[largest]['peak_rss_gb']:.3f}")
+    print(f"peak_pss_gb_1m: {by_size[largest]['peak_pss_gb']:.3f}")
     print(f"scale_ratio: {by_size[largest]['seconds_per_round'] / by_size[smallest]['seconds_per_round']:.3f}")
 
 

@@ -98,7 +98,11 @@ class Session:
             self.discard()
             return
         if self._host is not None:
-            ray.get(self._host.stop.remote())
+            try:
+                ray.get(self._host.stop.remote(), timeout=60)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.kill(self._host)
+                self._host = None
         if self._pool is not None and not self._pool.release():
             self._pool = None
 

@@ -82,7 +82,10 @@ class Background:
         self.thread.start()
 
     def result(self) -> Any:
+        """The value, handed over once: this object keeps no reference to it (the run drops the data after
+        ``ray.put``)."""
         self.thread.join()
         if self.error is not None:
             raise self.error
-        return self.value
+        value, self.value = self.value, None
+        return value
