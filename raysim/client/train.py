@@ -40,6 +40,18 @@ def client_rng(seed: int, round_index: int, client_id: int, stream: int = 0) -> 
     return np.random.default_rng([seed, round_index, client_id, stream])
 
 
+def seed_torch(seed: int, device: torch.device) -> None:
+    """Seed the torch generator that ``device`` draws from (dropout): the CPU's, and the GPU's on CUDA.
+
+    The same state as ``torch.manual_seed(seed)`` for the generators used, without its queueing a seed, with a
+    formatted stack trace, for every CUDA device each call (about 0.4 ms a client on a CPU-only host).
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 def train_client(
     model: nn.Module,
     flat: FlatParams,

@@ -17,7 +17,7 @@ import torch
 
 from raysim.client.faults import InjectedClientError
 from raysim.client.pipeline import Chunk, ClientUpdate, Stage
-from raysim.client.train import LocalResult, client_rng, make_optimizer, train_client
+from raysim.client.train import LocalResult, client_rng, make_optimizer, seed_torch, train_client
 from raysim.config import Scenario
 from raysim.errors import ScenarioError, first_line
 from raysim.models.flat import FlatParams
@@ -52,7 +52,7 @@ class LocalTraining(Stage):
         own = None if chunk.states is None else torch.from_numpy(chunk.states[k]).to(runtime.device)
         seed, epochs = self.scenario.seed, int(chunk.batch.epochs[k])
         rng = client_rng(seed, chunk.round_index, cid)
-        torch.manual_seed(int(client_rng(seed, chunk.round_index, cid, stream=11).integers(2**63)))  # dropout
+        seed_torch(int(client_rng(seed, chunk.round_index, cid, stream=11).integers(2**63)), runtime.device)  # dropout
         chunk.tokens += runtime.task.tokens(x) * epochs
         try:
             if update.fault == "error":

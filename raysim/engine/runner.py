@@ -125,7 +125,8 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
 def _load(scenario: Scenario) -> tuple[Any, Any, Any]:
     """What needs no Ray: the actors' modules (torch), the checks, the data, its partition and the clients'
     systems (run beside ``ray.init``)."""
-    import raysim.engine.server_host  # noqa: F401  (and the worker's module: the actors' classes)
+    import raysim.engine.server_host  # noqa: F401  the actors' classes
+    import raysim.engine.worker  # noqa: F401
 
     validate(scenario)
     dataset = load_data(scenario)

@@ -1,9 +1,11 @@
 """The server actor: one warm process, kept across a session's runs, that holds one run's server body at a time.
 
-Starting an actor costs a process and torch's first-step imports (over a second on a laptop); a session
-pays that once. ``start`` builds the run's ``RoundServer`` or ``AsyncServer`` from the same arguments as
-before, the other methods delegate to it, and ``stop`` drops it, with everything it held. The host adds
-no channel: the server body receives only what the protocol releases to it, as in its own actor.
+Starting an actor costs a process and torch's imports (seconds on 2 busy cores); a session pays that once.
+The host takes no warm-up step: the server never builds a torch optimizer, whose first construction
+alone imports ``torch._dynamo`` (1.8 s here), and its first forward pass, for evaluation, is cheap.
+``start`` builds the run's ``RoundServer`` or ``AsyncServer`` from the same arguments as before, the
+other methods delegate to it, and ``stop`` drops it, with everything it held. The host adds no channel:
+the server body receives only what the protocol releases to it, as in its own actor.
 """
 
 from __future__ import annotations
@@ -13,22 +15,20 @@ from typing import Any
 
 import numpy as np
 
-from raysim.engine.worker import warm_up
-
 
 class ServerHost:
     """The body of the server actor; the run's server is ``start``ed into it and ``stop``ped after."""
 
     def __init__(self) -> None:
-        warm_up()
+        from raysim.engine.async_server import AsyncServer
+        from raysim.engine.server import RoundServer
+
+        self.kinds = {False: RoundServer, True: AsyncServer}  # imported here: the driver imports this module
         self.server: Any = None
 
     def start(self, asynchronous: bool, *args: Any, **kwargs: Any) -> None:
         """Build the run's server (async: a ``run_round`` is a server step)."""
-        from raysim.engine.async_server import AsyncServer
-        from raysim.engine.server import RoundServer
-
-        self.server = (AsyncServer if asynchronous else RoundServer)(*args, **kwargs)
+        self.server = self.kinds[asynchronous](*args, **kwargs)
 
     def stop(self) -> None:
         """Drop the run's server and all it holds, as killing its own actor did (a failed run's stores are left

@@ -49,8 +49,8 @@ def pick_device(num_gpus: float) -> torch.device:
 
 
 def warm_up() -> None:
-    """One forward, backward and optimizer step on a throwaway model: torch's first backward costs about a
-    second of lazy imports, which would otherwise land in the first round."""
+    """One forward, backward and optimizer step on a throwaway model: torch's first optimizer imports
+    ``torch._dynamo`` (about 1.8 s on 2 busy cores), which would otherwise land in the first round."""
     model = torch.nn.Linear(2, 2)
     loss = torch.nn.functional.cross_entropy(model(torch.zeros(2, 2)), torch.tensor([0, 1]))
     loss.backward()
