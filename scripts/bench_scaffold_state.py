@@ -14,12 +14,13 @@ It reports:
     allocated) against (clients ever sampled) x parameters x 4 bytes, where the clients ever sampled
     are counted by replaying ``raysim.engine.sampling.sample_clients`` for every round;
   * peak RSS: the driver's ``ru_maxrss`` plus the largest sum, over samples taken every 0.5 s by a
-    background thread, of the RSS of this run's ``ray::ClientWorker`` and ``ray::RoundServer``
+    background thread, of the RSS of this run's ``ray::ClientWorker`` and ``ray::ServerHost``
     processes (descendants of this driver only, so other Ray sessions on the machine do not count).
     RSS counts shared pages (torch's libraries, the object store) once in every process that maps
     them, so the same thread also records the peak sum of PSS (proportional set size: shared pages
-    split between the processes that share them) over the driver and the actors.
-The last line is ``scaffold_peak_rss_gb: X`` (GiB, SCAFFOLD run). Target: < 2.
+    split between the processes that share them) over the driver, the raylet, the GCS and every
+    process the raylet started, all sampled at the same instant.
+The last line is ``scaffold_peak_pss_gb: X`` (GiB, SCAFFOLD run). Target: < 2.0.
 
 Usage: python scripts/bench_scaffold_state.py [--population 100000] [--rounds 20] [--samples-per-client 5]
 """
@@ -40,13 +41,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
-from rss import MemorySampler, Usage, driver_peak_rss, measure
+from rss import MemorySampler, Usage, driver_peak_rss, measure, session_processes
 
 if TYPE_CHECKING:
     from raysim.config import Scenario
 
 FEATURES, CLASSES, HIDDEN = 64, 10, [512, 128]
-ACTOR_NAMES = ("ray::ClientWorker", "ray::RoundServer")
+ACTOR_NAMES = ("ray::ClientWorker", "ray::ServerHost")
 GIB = 2**30
 
 
@@ -57,7 +58,7 @@ def mlp_parameters(features: int, hidden: list[int], classes: int) -> int:
 
 
 def run_actors(driver: psutil.Process) -> list[psutil.Process]:
-    """The ``ray::ClientWorker`` and ``ray::RoundServer`` processes descended from ``driver``."""
+    """The ``ray::ClientWorker`` and ``ray::ServerHost`` (server actor) processes descended from ``driver``."""
     found = []
     for proc in driver.children(recursive=True):
         try:
@@ -69,10 +70,9 @@ def run_actors(driver: psutil.Process) -> list[psutil.Process]:
 
 
 def sample_memory() -> Usage:
-    """The actors' summed RSS, and the summed PSS of the actors and the driver."""
-    driver = psutil.Process()
-    actors = measure(run_actors(driver), pss=True)
-    return Usage(actors.rss, actors.pss + driver.memory_full_info().pss)
+    """The actors' summed RSS, and the PSS summed at the same instant over the driver, the raylet, the GCS
+    and every process the raylet started (as ``bench_scale.py`` measures it)."""
+    return Usage(measure(run_actors(psutil.Process())).rss, measure(session_processes(), pss=True).pss)
 
 
 def bench_scenario(strategy: str, population: int, rounds: int, clients_per_round: int, samples_per_client: int,
@@ -177,8 +177,9 @@ def main() -> None:
     print(f"a dense store for the whole population would be {args.population * params * 4 / GIB:.1f} GiB")
     print(f"scaffold minus fedavg: peak RSS {(scaffold['peak_rss'] - fedavg['peak_rss']) / GIB:+.3f} GiB, "
           f"peak PSS {(scaffold['peak_pss'] - fedavg['peak_pss']) / GIB:+.3f} GiB")
-    print(f"scaffold_peak_pss_gb: {scaffold['peak_pss'] / GIB:.3f}")
     print(f"scaffold_peak_rss_gb: {scaffold['peak_rss'] / GIB:.3f}")
+    print(f"scaffold_peak_pss_gb: {scaffold['peak_pss'] / GIB:.3f}")
+
 
 if __name__ == "__main__":
     main()

@@ -22,8 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-import psutil
-from rss import MemorySampler, measure, raylet
+from rss import MemorySampler, measure, session_processes
 
 SAMPLES_PER_CLIENT = 8
 
@@ -50,14 +49,12 @@ def one_size(population: int, rounds: int, warmup: int) -> dict:
             "executor": {"num_workers": 2, "clients_per_call": 10},
             "tracking": {"progress": False}, "output": {"dir": out},
         }
-        node = raylet()
-        gcs = psutil.Process(ray._private.worker._global_node.all_processes["gcs_server"][0].process.pid)
-        driver = psutil.Process()
         driver_peak = [0]
 
         def sample():
-            driver_peak[0] = max(driver_peak[0], measure([driver], pss=True).pss)
-            return measure([driver, node, gcs, *node.children(recursive=True)], pss=True)
+            processes = session_processes()
+            driver_peak[0] = max(driver_peak[0], measure(processes[:1], pss=True).pss)
+            return measure(processes, pss=True)
 
         with MemorySampler(sample) as sampler:
             result = raysim.run(raw)

@@ -49,6 +49,16 @@ def raylet() -> psutil.Process:
     return psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
 
 
+def session_processes() -> list[psutil.Process]:
+    """This driver, its Ray session's raylet and GCS, and every process the raylet started, at this instant
+    (sum their PSS: shared pages such as the object store's then count once)."""
+    import ray
+
+    node = raylet()
+    gcs = psutil.Process(ray._private.worker._global_node.all_processes["gcs_server"][0].process.pid)
+    return [psutil.Process(), node, gcs, *node.children(recursive=True)]
+
+
 def driver_peak_rss() -> int:
     """The peak resident bytes of this process so far (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
