@@ -149,7 +149,11 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
         raise
     tracker: Tracker | None = None
     with profile.span("actors requested (they start and warm up in parallel)"):
-        num_workers = plan_workers(scenario.executor, ray.cluster_resources())
+        try:
+            num_workers = plan_workers(scenario.executor, ray.cluster_resources())
+        except ScenarioError:
+            loading.result()  # the data's error first, as when nothing overlapped
+            raise
         pool, host = session.pool(scenario.executor, num_workers), session.server_host()
     dataset, part, system = loading.result()
     if resume is None:
