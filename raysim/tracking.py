@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from raysim.atomic import write_atomic
+from raysim.atomic import fsync_path, write_atomic
 from raysim.config import Scenario, TrackingConfig, scenario_to_yaml
 from raysim.errors import ScenarioError, first_line
 from raysim.privacy.dp.sampling import epsilon_caveat, sampling_assumption
@@ -99,11 +99,7 @@ class RunFolder:
         """fsync the metrics file: at each checkpoint and at the end of a run, which bound what a crash loses."""
         path = self.path / "metrics.jsonl"
         if path.exists():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path)
 
 
 def resolve_wandb_mode(config: TrackingConfig, env: dict[str, str] | None = None) -> tuple[str, str]:

@@ -147,7 +147,6 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
     except BaseException:
         loading.result()  # a scenario's error wins over Ray's
         raise
-    tracker: Tracker | None = None
     with profile.span("actors requested (they start and warm up in parallel)"):
         try:
             num_workers = plan_workers(scenario.executor, ray.cluster_resources())
@@ -180,6 +179,7 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
             ray.get(calls)
         except ray.exceptions.RayTaskError as err:
             raise _unwrap(err) from None
+    tracker: Tracker | None = None
     try:
         first = 0
         if saved is not None:
@@ -194,7 +194,6 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
         ray.get(host.close.remote())
         privacy = ray.get(host.privacy_report.remote()) if scenario.privacy is not None else None
         rounds_seconds = time.perf_counter() - rounds_started
-        folder.sync_metrics()
         folder.write_model(final_vec)
         summary = _summary(scenario, num_workers, final_vec, history, started, len(round_seconds), rounds_seconds)
         summary["startup"] = profile.table()
@@ -207,7 +206,7 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
         return Result(run_dir=folder.path, summary=summary, history=history, global_vector=final_vec,
                       round_seconds=round_seconds, startup=profile)
     finally:
-        folder.sync_metrics()
+        folder.sync_metrics()  # at the end, whether the run finished or not
         if tracker is not None:
             tracker.abort()
 

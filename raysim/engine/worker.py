@@ -2,9 +2,9 @@
 
 A worker is created once per session and warmed up; each run prepares it (``engine.handover``) with the
 training arrays (zero-copy views of the object store) and the partition's CSR layout. Each call
-carries the round's global vector and a chunk of client ids; the worker runs each client through the update pipeline (``raysim.client.pipeline``), whose encoding folds
-their weighted deltas into one partial sum in client-id order, so the server receives one vector per
-chunk rather than one per client.
+carries the round's global vector and a chunk of client ids; the worker runs each client through the
+update pipeline (``raysim.client.pipeline``), whose encoding folds their weighted deltas into one
+partial sum in client-id order, so the server receives one vector per chunk rather than one per client.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class ClientWorker:
         """Σ w·Δ in float64 over ``client_ids`` held here, for ``secure_aggregation.diagnostics``: called by
         the driver, never by the server actor, and never part of the protocol; None when this worker no
         longer holds them (it was restarted). Forgets the plain updates."""
-        return None if self.token is None and "encoding" not in self.__dict__ else self.encoding.plain_sum(client_ids, dim)
+        return None if "encoding" not in self.__dict__ else self.encoding.plain_sum(client_ids, dim)
 
     def evaluate(self, global_vec: np.ndarray, index: int, client_ids: np.ndarray) -> EvalResult:
         """Federated evaluation: the global model on each client's held-out samples."""
