@@ -127,6 +127,7 @@ PINNED = [
     (("attacks", "text data"), "not_built"),
     (("text data", "a non-language model"), "nature"),
     (("a language model", "numeric data"), "nature"),
+    (("vectorized training", "a transformers model"), "not_built"),
     (("token weighting", "numeric data"), "nature"),
 ]
 

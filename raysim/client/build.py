@@ -19,14 +19,18 @@ from raysim.client.dp_clip import DPClip
 from raysim.client.encode import Encoding
 from raysim.client.faults import FaultInjection
 from raysim.client.pipeline import Pipeline, Stage
-from raysim.client.training import ClientRuntime, LocalTraining
+from raysim.client.training import ClientRuntime, LocalTraining, VectorizedTraining
 from raysim.config import Scenario
+from raysim.config.compat import vectorize_choice
 from raysim.privacy.secagg.sealed_state import RowSealer
 from raysim.strategies.base import ClientHalf
 
 
 def _training(s: Scenario, parts: dict) -> Stage:
-    return LocalTraining(s, parts.get("runtime"), parts.get("strategy") or ClientHalf())
+    runtime, strategy = parts.get("runtime"), parts.get("strategy") or ClientHalf()
+    if runtime is not None and vectorize_choice(s)[0]:
+        return VectorizedTraining(s, runtime, strategy, parts["feature_shape"])
+    return LocalTraining(s, runtime, strategy)
 
 
 def _fault(s: Scenario, parts: dict) -> Stage | None:
@@ -68,8 +72,11 @@ STAGES: list[tuple[str, Callable[[Scenario, dict], Stage | None]]] = [
 
 
 def build_pipeline(scenario: Scenario, num_classes: int, *, runtime: ClientRuntime | None = None,
-                   strategy: ClientHalf | None = None, sealer: RowSealer | None = None) -> Pipeline:
-    """The scenario's stages in ``STAGES`` order."""
-    parts = {"num_classes": num_classes, "runtime": runtime, "strategy": strategy, "sealer": sealer}
+                   strategy: ClientHalf | None = None, sealer: RowSealer | None = None,
+                   feature_shape: tuple[int, ...] | None = None) -> Pipeline:
+    """The scenario's stages in ``STAGES`` order; a worker's (``runtime`` given) trains vectorized when
+    ``vectorize_choice`` says so, on samples of ``feature_shape``."""
+    parts = {"num_classes": num_classes, "runtime": runtime, "strategy": strategy, "sealer": sealer,
+             "feature_shape": feature_shape}
     stages = (make(scenario, parts) for _, make in STAGES)
     return Pipeline([stage for stage in stages if stage is not None])

@@ -158,6 +158,33 @@ class Pipeline:
             stage.finish(chunk)
         return chunk
 
+    def run_together(self, chunks: Sequence[Chunk], load: Any) -> Sequence[Chunk]:
+        """``run`` over several chunks whose clients train together: the training stage (the first,
+        ``VectorizedTraining``) takes every client of every chunk at once, then each client that it
+        keeps goes through the later stages, chunk by chunk in client order, as ``run`` takes it."""
+        train, later = self.stages[0], self.stages[1:]
+        for chunk in chunks:
+            for stage in self.stages:
+                stage.begin(chunk)
+        items = []
+        for chunk in chunks:
+            for k, cid in enumerate(chunk.batch.client_ids.tolist()):
+                x, y = load(cid)
+                update = ClientUpdate(position=k, client_id=cid, x=x, y=y)
+                for stage in self.stages:
+                    stage.before_training(update, chunk)
+                if update.x.shape[0]:
+                    items.append((update, chunk))  # a client without training samples sends nothing
+        for (update, chunk), trained in zip(items, train.clients(items)):
+            if trained:
+                for stage in later:
+                    if not stage.client(update, chunk):
+                        break
+        for chunk in chunks:
+            for stage in self.stages:
+                stage.finish(chunk)
+        return chunks
+
     def server(self, released: Released, context: Any) -> Released:
         for stage in reversed(self.stages):
             released = stage.server(released, context)

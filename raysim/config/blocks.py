@@ -197,6 +197,8 @@ class TrainingConfig(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     straggler_fraction: float = Field(0.0, ge=0.0, le=1.0, description="sampled clients that run 1..E-1 epochs")
     drop_stragglers: bool = Field(False, description="FedAvg's baseline: stragglers' work is discarded")
+    vectorize: bool | Literal["auto"] = Field(
+        False, description="train a call's clients together in one batched computation per step (auto: where supported)")
 
     @model_validator(mode="after")
     def _stragglers_need_epochs(self) -> TrainingConfig:
@@ -315,6 +317,8 @@ class ExecutorConfig(Strict):
     clients_per_call: int = Field(5, ge=1, description="clients trained per Ray call; fixes the reduction order")
     calls_in_flight: int = Field(2, ge=1, description="calls queued per worker so it never idles")
     max_worker_failures: int = Field(100, ge=0, description="worker deaths survived before the run stops")
+    vectorize_memory_mb: float = Field(
+        512.0, gt=0.0, description="memory a worker's stacked clients may take under training.vectorize")
 
     @field_validator("num_workers")
     @classmethod

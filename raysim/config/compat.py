@@ -76,6 +76,27 @@ def _text(s: Scenario) -> bool:
     return s.data.source in TEXT_SOURCES
 
 
+# What the vectorized trainer (``raysim.client.vectorized``) cannot train yet: (feature, applies, why, example).
+# ``training.vectorize: true`` refuses these rows; ``auto`` falls back to one client at a time, naming the row.
+VECTORIZE_LIMITS: tuple[tuple[str, Callable[[Scenario], bool], str, dict[str, Any]], ...] = (
+    ("a transformers model", lambda s: s.model.is_language_model,
+     "a transformers model: the stacked trainer covers the model zoo (logreg, mlp, cnn), not LoRA adapters "
+     "inside a transformers forward",
+     {"data.source": "shakespeare_lm", "model.kind": "hf_causal_lm"}),
+)
+
+
+def vectorize_choice(s: Scenario) -> tuple[bool, str]:
+    """Whether ``s`` trains its clients vectorized, and why: ``training.vectorize`` against ``VECTORIZE_LIMITS``."""
+    if s.training.vectorize is False:
+        return False, "training.vectorize is false"
+    for feature, applies, _, _ in VECTORIZE_LIMITS:
+        if applies(s):
+            return False, f"training.vectorize: auto, and the scenario has {feature}, which is not vectorized yet"
+    setting = "true" if s.training.vectorize is True else "auto"
+    return True, f"training.vectorize: {setting}; model.kind {s.model.kind} and every stage of the pipeline support it"
+
+
 _SYSTEM = {"system.speed": {"kind": "constant", "value": 100}}
 _FEDBUFF = {**_SYSTEM, "asynchronous.mode": "fedbuff"}
 _FEDASYNC = {**_SYSTEM, "asynchronous.mode": "fedasync"}
@@ -221,6 +242,11 @@ ROWS: tuple[Exclusion, ...] = (
               "use a non-text model such as mlp, or a text source: shakespeare_lm, shakespeare_genre or text",
               lambda s: s.model.is_language_model and not _text(s),
               {"data.source": "synthetic", "model.kind": "hf_classifier"}),
+    *(Exclusion(("vectorized training", feature), "not_built", "training.vectorize",
+                f"true cannot vectorize {reason}",
+                "set training.vectorize: auto (it falls back to one client at a time) or false",
+                lambda s, applies=applies: s.training.vectorize is True and applies(s), {"training.vectorize": True, **example})
+      for feature, applies, reason, example in VECTORIZE_LIMITS),
     Exclusion(("token weighting", "numeric data"), "nature", "strategy.client_weighting",
               "tokens weighs clients by their text tokens, which numeric sources do not have", "use samples",
               lambda s: s.strategy.client_weighting == "tokens" and not _text(s),

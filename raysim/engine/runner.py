@@ -25,6 +25,7 @@ import ray
 
 from raysim.adversary.clients import check_labels
 from raysim.config import Scenario
+from raysim.config.compat import vectorize_choice
 from raysim.data.load import load_data, partition_data
 from raysim.data.partition import summarize
 from raysim.engine import checkpoint
@@ -186,6 +187,9 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
             ray.get(host.restore_checkpoint.remote(str(saved.path), saved.rounds_done))
             first = saved.rounds_done
             print(f"raysim: resuming {folder.path} after round {first}", file=sys.stderr)
+        if scenario.training.vectorize is not False:  # the run says once which it chose, and why
+            on, why = vectorize_choice(scenario)
+            print(f"raysim: vectorized training {'on' if on else 'off'} ({why})", file=sys.stderr)
         tracker = Tracker(folder, scenario, done=first)
         round_seconds: list[float] = []
         rounds_started = time.perf_counter()
@@ -201,6 +205,8 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
             summary["resumed_after_round"] = saved.rounds_done
         if privacy is not None:
             summary["privacy"] = privacy
+        if scenario.training.vectorize is not False:
+            summary["vectorize"] = dict(zip(("on", "why"), vectorize_choice(scenario)))
         folder.write_json("summary.json", summary)
         tracker.finish(summary)
         return Result(run_dir=folder.path, summary=summary, history=history, global_vector=final_vec,

@@ -21,6 +21,7 @@ from raysim.client.dp_clip import DPClip, ring_sensitivity
 from raysim.client.messages import ChunkResult, ClientBatch, RoundPlan
 from raysim.client.pipeline import Released
 from raysim.config import Scenario
+from raysim.config.compat import vectorize_choice
 from raysim.engine.clock import SyncClock
 from raysim.engine.core import CoreServer, ServerCore
 from raysim.engine.evaluation import chunked
@@ -61,6 +62,7 @@ class RoundServer(CoreServer):
         self.weight_bound = max_client_weight if uncapped else 1.0  # DP-FedAvg weights are min(n/cap, 1) ≤ 1
         self.clock = None if system is None else SyncClock(system, scenario, model_bytes=4 * self.core.dim)
         self.release: SecureRelease | None = None  # secure_aggregation.diagnostics only
+        self.vectorized = vectorize_choice(scenario)[0]
 
     def extra_state(self) -> dict[str, Any]:
         return {"clock": self.clock}
@@ -123,16 +125,25 @@ class RoundServer(CoreServer):
         while True:
             plan, placement = self._round_plan(len(sampled), round_index), {}
             try:
-                chunks = map_chunks(
-                    core.workers, "train", self._batches(sampled, epochs),
-                    (global_ref, state_ref, round_index, plan), self.scenario.executor.calls_in_flight, placement,
-                    core.failures, rerun=plan.secure is None,
-                )
+                chunks = self._train_chunks(self._batches(sampled, epochs), (global_ref, state_ref, round_index, plan),
+                                            placement, rerun=plan.secure is None)
                 secure = None if plan.secure is None else self._secure_sum(chunks, plan, placement, round_index)
                 return self._reduce_and_step(chunks, round_index, plan, secure)
             except WORKER_LOST as err:  # a secure round lost a worker, in training or in the protocol's phases
                 core.failures.lost(lost_position(err, core.workers), err)
                 core.failures.wait_up(core.workers)  # start the next attempt with the restarted workers
+
+    def _train_chunks(self, batches: list[ClientBatch], common: tuple, placement: dict[int, int],
+                      rerun: bool) -> list[ChunkResult]:
+        """Train every chunk: one call each, or, vectorized, one call per worker of packed chunks
+        (``ClientWorker.train_pack``), whose clients train together; ``placement`` gets chunk → worker."""
+        core, in_flight = self.core, self.scenario.executor.calls_in_flight
+        if not self.vectorized:
+            return map_chunks(core.workers, "train", batches, common, in_flight, placement, core.failures, rerun=rerun)
+        packs, where = pack_chunks(batches, len(core.workers)), {}
+        results = map_chunks(core.workers, "train_pack", packs, common, in_flight, where, core.failures, rerun=rerun)
+        placement.update((index, where[p]) for p, pack in enumerate(packs) for index, _ in pack)
+        return [result for pack in results for result in pack]
 
     def _batches(self, sampled: np.ndarray, epochs: np.ndarray) -> list[ClientBatch]:
         size, core = self.scenario.executor.clients_per_call, self.core
@@ -199,3 +210,14 @@ class RoundServer(CoreServer):
         core.step(released, reduction.client_ids, f"round {round_index + 1}")
         out.update(released.metrics)
         return out
+
+
+def pack_chunks(batches: list[ClientBatch], workers: int) -> list[list[tuple[int, ClientBatch]]]:
+    """Consecutive chunks (index, batch) grouped into about one pack of ceil(clients / workers) per worker."""
+    target = -(-sum(len(b.client_ids) for b in batches) // max(workers, 1))
+    packs: list[list[tuple[int, ClientBatch]]] = [[]]
+    for index, batch in enumerate(batches):
+        if packs[-1] and sum(len(b.client_ids) for _, b in packs[-1]) >= target:
+            packs.append([])
+        packs[-1].append((index, batch))
+    return packs if packs[0] else []

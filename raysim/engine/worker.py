@@ -22,7 +22,7 @@ from raysim.client.messages import ChunkResult, ClientBatch, EvalResult, RoundPl
 from raysim.client.pipeline import Chunk
 from raysim.client.samples import split_holdout
 from raysim.client.train import evaluate
-from raysim.client.training import ClientRuntime
+from raysim.client.training import ClientRuntime, VectorizedTraining
 from raysim.config import Scenario
 from raysim.engine.faults import WorkerChaos
 from raysim.engine.handover import WorkerNotReady, WorkerSetup, open_sealed
@@ -55,6 +55,10 @@ def warm_up() -> None:
     loss = torch.nn.functional.cross_entropy(model(torch.zeros(2, 2)), torch.tensor([0, 1]))
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class ClientWorker:
@@ -105,7 +109,9 @@ class ClientWorker:
         self.runtime = ClientRuntime.of(scenario, model, task_for(scenario.model), device)
         self.pipeline = build_pipeline(
             scenario, num_classes, runtime=self.runtime, strategy=make_client_half(scenario.strategy, scenario.training.lr),
-            sealer=None if client_key is None else RowSealer(client_key))  # secure rounds' client state
+            sealer=None if client_key is None else RowSealer(client_key),  # secure rounds' client state
+            feature_shape=tuple(feature_shape))
+        self.vectorized = isinstance(self.pipeline.stages[0], VectorizedTraining)
         self.encoding: Encoding = self.pipeline.find(Encoding)
         self.x, self.y, self.indices, self.offsets = data
         self.holdout = scenario.evaluation.holdout_fraction if scenario.evaluation.federated else 0.0
@@ -113,7 +119,7 @@ class ClientWorker:
     def release(self) -> None:
         """Drop the run's state, so the object store can free its data once the run ends."""
         self.token = None
-        for name in ("scenario", "chaos", "runtime", "pipeline", "encoding", "x", "y", "indices", "offsets", "holdout"):
+        for name in ("scenario", "chaos", "runtime", "pipeline", "vectorized", "encoding", "x", "y", "indices", "offsets", "holdout"):
             self.__dict__.pop(name, None)
 
     def _client_arrays(self, client_id: int, held_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -132,23 +138,46 @@ class ClientWorker:
     def run_chunk(self, global_vec: np.ndarray, server_state: np.ndarray | None, round_index: int,
                   plan: RoundPlan, index: int, batch: ClientBatch) -> ChunkResult:
         """``train`` without the injected worker faults."""
+        chunk = self._chunk(global_vec, server_state, round_index, plan, index, batch)
+        self.pipeline.run(chunk, self._client_arrays)
+        return chunk.result(rss_mb=_peak_rss_mb())
+
+    def train_pack(self, global_vec: np.ndarray, server_state: np.ndarray | None, round_index: int,
+                   plan: RoundPlan, index: int, pack: list[tuple[int, ClientBatch]]) -> list[ChunkResult]:
+        """Vectorized rounds: the chunks of ``pack`` (chunk index, batch) trained together; one result per chunk.
+
+        Each chunk still folds alone, so the reduction order is the chunks', whatever calls they were packed into.
+        """
+        self.chaos.before_call()
+        chunks = [self._chunk(global_vec, server_state, round_index, plan, i, batch) for i, batch in pack]
+        self.pipeline.run_together(chunks, self._client_arrays)
+        rss = _peak_rss_mb()
+        return [chunk.result(rss_mb=rss) for chunk in chunks]
+
+    def _chunk(self, global_vec: np.ndarray, server_state: np.ndarray | None, round_index: int,
+               plan: RoundPlan, index: int, batch: ClientBatch) -> Chunk:
         device = self.runtime.device
         as_tensor = lambda v: torch.from_numpy(np.array(v, dtype=np.float32)).to(device)  # noqa: E731
-        chunk = Chunk(index=index, round_index=round_index, plan=plan, batch=batch, global_t=as_tensor(global_vec),
-                      control=None if server_state is None else as_tensor(server_state), dim=self.runtime.flat.size)
-        self.pipeline.run(chunk, self._client_arrays)
-        return chunk.result(rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return Chunk(index=index, round_index=round_index, plan=plan, batch=batch, global_t=as_tensor(global_vec),
+                     control=None if server_state is None else as_tensor(server_state), dim=self.runtime.flat.size)
 
     def train_many(self, tasks: list[tuple[int, int, int, ClientBatch]], *versions: np.ndarray) -> list[ChunkResult]:
         """Async steps: ``train`` for each task (version position, round index, chunk index, batch), in order.
 
         The launcher packs whatever waits into one call (each task's updates share a start version and a
         staleness, so each folds alone); ``versions`` are the model versions the tasks start from, passed as
-        top-level arguments so that Ray hands them over zero-copy from the object store.
+        top-level arguments so that Ray hands them over zero-copy from the object store. Vectorized, the
+        tasks' clients train together, each from its own task's version.
         """
         self.chaos.before_call()
-        return [self.run_chunk(versions[position], None, round_index, RoundPlan(), index, batch)
-                for position, round_index, index, batch in tasks]
+        if not self.vectorized:
+            return [self.run_chunk(versions[position], None, round_index, RoundPlan(), index, batch)
+                    for position, round_index, index, batch in tasks]
+        chunks = [self._chunk(versions[position], None, round_index, RoundPlan(), index, batch)
+                  for position, round_index, index, batch in tasks]
+        self.pipeline.run_together(chunks, self._client_arrays)
+        rss = _peak_rss_mb()
+        return [chunk.result(rss_mb=rss) for chunk in chunks]
 
     def secure_phase(self, name: str, inbound: object) -> PhaseOutput:
         """One secure-aggregation phase for this worker's clients of the current round."""
