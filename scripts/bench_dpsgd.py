@@ -7,10 +7,19 @@ ceil(500/32) = 16 steps, SGD at the same learning rate, and the same torch threa
 is ``raysim.client.train.train_client`` over a shuffled partition into batches; the DP side is a whole
 ``train_dp_sgd`` call followed by ``FlatParams.rebind_grads``: Opacus wrapping, Poisson batches of
 expected size 32 (16 of them), per-sample gradients, clipping and noise, hook removal, and the
-client's ε from its persisting accountant. The variants run interleaved ``--repeats`` times after a
-warm-up and their medians are compared. The last line is ``dpsgd_overhead_ratio: X`` (target ≤ 3, issue 6).
+client's ε from its persisting accountant.
 
-Usage: python scripts/bench_dpsgd.py [--repeats 30] [--threads 1]
+Then the vectorized pair (``training.vectorize``): ``--clients`` such clients (each its own 500
+examples) trained as one stack, plain (``raysim.client.vectorized.StackedTrainer``) and with DP-SGD
+(``raysim.privacy.dp.vectorized_dpsgd``: per-sample gradients, clipping and noise for the whole stack,
+the same Poisson batches and noise as the Opacus side). The variants run interleaved ``--repeats`` times
+after a warm-up and their medians are compared:
+
+    opacus_overhead_ratio = Opacus DP-SGD per client / plain sequential per client        (issue 6: <= 3)
+    dpsgd_vs_sequential_ratio = vectorized DP-SGD per client / plain sequential per client
+    dpsgd_overhead_ratio = vectorized DP-SGD / vectorized plain training, the same stack   (issue 17: <= 2)
+
+Usage: python scripts/bench_dpsgd.py [--repeats 30] [--threads 1] [--clients 50]
 """
 
 from __future__ import annotations
@@ -25,9 +34,11 @@ import numpy as np
 import torch
 
 from raysim.client.train import make_optimizer, train_client
+from raysim.client.vectorized import StackedClient, StackedTrainer
 from raysim.config import TrainingConfig
 from raysim.models.flat import FlatParams
 from raysim.privacy.dp.local_dpsgd import train_dp_sgd
+from raysim.privacy.dp.vectorized_dpsgd import PrivateClient, PrivateStackedTrainer
 
 EXAMPLES, FEATURES, CLASSES, HIDDEN, BATCH, LR = 500, 64, 10, 128, 32, 0.05
 
@@ -58,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=50, help="clients in the vectorized stack")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -83,13 +95,33 @@ def main() -> None:
         dp_flat.rebind_grads()
         state["accountant"], state["epsilon"] = result.accountant_state, result.epsilon
 
-    medians = median_seconds({"plain": run_plain, "dp": run_dp}, args.repeats)
+    cpu = torch.device("cpu")
+    xs = [torch.from_numpy(rng.standard_normal((EXAMPLES, FEATURES)).astype(np.float32)) for _ in range(args.clients)]
+    ys = [torch.from_numpy(rng.integers(0, CLASSES, EXAMPLES)) for _ in range(args.clients)]
+    stacked = StackedTrainer(plain_model, (FEATURES,), TrainingConfig(lr=LR, batch_size=BATCH), cpu, 2**31)
+    private = PrivateStackedTrainer(stacked.stacked, BATCH, LR, 1.0, 1.0, "rdp", 1e-5, cpu)
+
+    def run_stacked(seed: int) -> None:
+        stacked.train([StackedClient(x=a, y=b, epochs=1, rng=np.random.default_rng([seed, k]), start=global_vec)
+                       for k, (a, b) in enumerate(zip(xs, ys))], lambda order, a: None)
+
+    def run_private(seed: int) -> None:
+        private.train([PrivateClient(x=a, y=b, epochs=1, seed=seed * 1000 + k, start=global_vec, accountant_state=None)
+                       for k, (a, b) in enumerate(zip(xs, ys))])
+
+    medians = median_seconds({"plain": run_plain, "dp": run_dp, "stacked": run_stacked, "private": run_private},
+                             args.repeats)
     plain, dp = medians["plain"], medians["dp"]
+    per_client = {name: medians[name] / args.clients for name in ("stacked", "private")}
     print(f"model_params: {plain_flat.size}")
     print(f"steps_per_epoch: {math.ceil(EXAMPLES / BATCH)}  batch: {BATCH}  threads: {args.threads}  repeats: {args.repeats}")
-    print(f"plain_ms: {plain * 1e3:.2f}")
-    print(f"dpsgd_ms: {dp * 1e3:.2f}  (client epsilon after {args.repeats + 3} rounds: {state['epsilon']:.3f})")
-    print(f"dpsgd_overhead_ratio: {dp / plain:.2f}")
+    print(f"plain_ms: {plain * 1e3:.2f}  (sequential, one client)")
+    print(f"dpsgd_ms: {dp * 1e3:.2f}  (Opacus, one client; epsilon after {args.repeats + 3} rounds: {state['epsilon']:.3f})")
+    print(f"vectorized_plain_ms_per_client: {per_client['stacked'] * 1e3:.2f}  (a stack of {args.clients})")
+    print(f"vectorized_dpsgd_ms_per_client: {per_client['private'] * 1e3:.2f}")
+    print(f"opacus_overhead_ratio: {dp / plain:.2f}")
+    print(f"dpsgd_vs_sequential_ratio: {per_client['private'] / plain:.2f}")
+    print(f"dpsgd_overhead_ratio: {medians['private'] / medians['stacked']:.2f}")
 
 
 if __name__ == "__main__":

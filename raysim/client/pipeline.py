@@ -85,11 +85,12 @@ class Chunk:
         if self.state_deltas is not None:
             self.state_deltas[k] = update.state_delta
 
-    def result(self, rss_mb: float) -> ChunkResult:
+    def result(self, rss_mb: float, seconds: float | None = None) -> ChunkResult:
+        """The chunk's result; ``seconds`` its share of a call that trained it with others (else its own time)."""
         return ChunkResult(
             index=self.index, delta_sum=self.delta_sum.cpu().numpy(), weight_sum=float(self.weights.sum()),
             client_ids=self.batch.client_ids, weights=self.weights, losses=self.losses, steps=self.steps,
-            rejected=self.rejected, seconds=time.perf_counter() - self.start, state_deltas=self.state_deltas,
+            rejected=self.rejected, seconds=time.perf_counter() - self.start if seconds is None else seconds, state_deltas=self.state_deltas,
             unclipped=self.unclipped, dp_states=self.dp_states, epsilons=self.epsilons, tokens=self.tokens,
             rss_mb=rss_mb, failed=self.failed, error=self.error, bounded=self.bounded, malicious=self.malicious,
             bytes_up=self.bytes_up, rows=self.rows, residuals=self.residuals, sealed_states=self.sealed_states,

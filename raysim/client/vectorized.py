@@ -144,20 +144,39 @@ class StackedModel:
             raise ValueError("model: its trainable parameters are not the stacked layers' (frozen layers are not vectorized)")
         self.activations = _activation_numel(model, sample_shape)
 
-    def forward(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        a, b = x.shape[:2]
-        h = x
+    def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter of every row, as (a, *shape) views of ``rows``, each a leaf that wants its gradient
+        (separate leaves, so the backward never scatters into the whole (a, D) matrix)."""
+        views = []
         for layer, (offset, sizes) in zip(self.layers, self.slices):
+            for p, n in zip(layer.parameters(), sizes):
+                views.append(rows[:, offset : offset + n].view(rows.shape[0], *p.shape).detach().requires_grad_(True))
+                offset += n
+        return views
+
+    def forward(self, params: list[torch.Tensor], x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
+        """The stacked output for ``split`` parameters and (a, B, ...) inputs. ``taps``, when given, gets
+        (layer, its input, its output) for each layer with parameters, the input of a convolution as its
+        unfolded patches (a, B, patch, L): what per-sample gradients are made of."""
+        a, b = x.shape[:2]
+        h, taken = x, iter(params)
+        for layer in self.layers:
             if isinstance(layer, nn.Linear):
-                weight, bias = _parameters(rows, offset, sizes, layer.weight.shape)
-                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+                weight, bias = next(taken), next(taken)
+                inputs, h = h, torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
             elif isinstance(layer, nn.Conv2d):
-                h = _conv2d(layer, rows, offset, sizes, h)
-            elif isinstance(layer, nn.Flatten):
-                h = h.reshape(a, b, -1)
-            else:  # ReLU, MaxPool2d: per sample, on the merged batch
-                h = layer(h.flatten(0, 1)).unflatten(0, (a, b))
+                inputs, h = _conv2d(layer, next(taken), next(taken), h)
+            else:  # Flatten, ReLU, MaxPool2d: per sample, on the merged batch
+                h = h.reshape(a, b, -1) if isinstance(layer, nn.Flatten) else layer(h.flatten(0, 1)).unflatten(0, (a, b))
+                continue
+            if taps is not None:
+                taps.append((layer, inputs, h))
         return h
+
+    @staticmethod
+    def flat(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Per-parameter gradients back in the (a, D) flat layout."""
+        return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 
 
 def stacked_layers(model: nn.Module) -> list[nn.Module]:
@@ -173,27 +192,21 @@ def stacked_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def _parameters(rows: torch.Tensor, offset: int, sizes: list[int],
-                shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's (weight, bias) for every row of the stack, as views."""
-    a, (n_weight, n_bias) = rows.shape[0], sizes
-    weight = rows[:, offset : offset + n_weight].view(a, *shape)
-    return weight, rows[:, offset + n_weight : offset + n_weight + n_bias]
-
-
-def _conv2d(layer: nn.Conv2d, rows: torch.Tensor, offset: int, sizes: list[int], h: torch.Tensor) -> torch.Tensor:
-    """A convolution with each client's own kernel: im2col, then one ``baddbmm`` over the stack."""
+def _conv2d(layer: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor,
+            h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A convolution with each client's own kernel: im2col, then one ``baddbmm`` over the stack.
+    Returns (the patches (a, b, patch, L), the output (a, b, out_channels, H', W'))."""
     a, b, _, height, width = h.shape
-    weight, bias = _parameters(rows, offset, sizes, layer.weight.shape)
     out_channels, patch = weight.shape[1], weight[0].numel() // weight.shape[1]
     cols = nn.functional.unfold(h.flatten(0, 1), layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
                                 stride=layer.stride)  # (a·b, patch, L)
     positions = cols.shape[-1]
-    cols = cols.view(a, b, patch, positions).transpose(1, 2).reshape(a, patch, b * positions)
-    out = torch.baddbmm(bias.unsqueeze(2), weight.reshape(a, out_channels, patch), cols)
+    patches = cols.view(a, b, patch, positions)
+    out = torch.baddbmm(bias.unsqueeze(2), weight.reshape(a, out_channels, patch),
+                        patches.transpose(1, 2).reshape(a, patch, b * positions))
     out_h = (height + 2 * layer.padding[0] - layer.dilation[0] * (layer.kernel_size[0] - 1) - 1) // layer.stride[0] + 1
     out_w = (width + 2 * layer.padding[1] - layer.dilation[1] * (layer.kernel_size[1] - 1) - 1) // layer.stride[1] + 1
-    return out.view(a, out_channels, b, out_h, out_w).transpose(1, 2)
+    return patches, out.view(a, out_channels, b, out_h, out_w).transpose(1, 2)
 
 
 def _activation_numel(model: nn.Module, sample_shape: tuple[int, ...]) -> int:
@@ -251,11 +264,11 @@ class StackedTrainer:
         for step, a in enumerate(active):
             batch, count = rows[step, :a], counts[step, :a]
             valid = (slots < count[:, None]).float()
-            params = weights[:a].detach().requires_grad_(True)
+            params = self.stacked.split(weights[:a])
             output = self.stacked.forward(params, x[batch])
             per_sample = nn.functional.cross_entropy(output.flatten(0, 1), y[batch].flatten(), reduction="none")
             loss = (per_sample.view(a, -1) * valid).sum(dim=1) / count
-            (grad,) = torch.autograd.grad(loss.sum(), params)
+            grad = self.stacked.flat(torch.autograd.grad(loss.sum(), params))
             if a not in hooks:
                 hooks[a] = hook_for(order, a)
             if hooks[a] is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 
 import numpy as np
 import ray
@@ -149,10 +150,16 @@ class ClientWorker:
         Each chunk still folds alone, so the reduction order is the chunks', whatever calls they were packed into.
         """
         self.chaos.before_call()
-        chunks = [self._chunk(global_vec, server_state, round_index, plan, i, batch) for i, batch in pack]
+        return self._together([self._chunk(global_vec, server_state, round_index, plan, i, batch) for i, batch in pack])
+
+    def _together(self, chunks: list[Chunk]) -> list[ChunkResult]:
+        """Train ``chunks`` together; each chunk's seconds are its share, by clients, of the call's."""
+        start = time.perf_counter()
         self.pipeline.run_together(chunks, self._client_arrays)
-        rss = _peak_rss_mb()
-        return [chunk.result(rss_mb=rss) for chunk in chunks]
+        seconds, rss = time.perf_counter() - start, _peak_rss_mb()
+        total = sum(len(chunk.batch.client_ids) for chunk in chunks)
+        return [chunk.result(rss_mb=rss, seconds=seconds * len(chunk.batch.client_ids) / max(total, 1))
+                for chunk in chunks]
 
     def _chunk(self, global_vec: np.ndarray, server_state: np.ndarray | None, round_index: int,
                plan: RoundPlan, index: int, batch: ClientBatch) -> Chunk:
@@ -173,11 +180,8 @@ class ClientWorker:
         if not self.vectorized:
             return [self.run_chunk(versions[position], None, round_index, RoundPlan(), index, batch)
                     for position, round_index, index, batch in tasks]
-        chunks = [self._chunk(versions[position], None, round_index, RoundPlan(), index, batch)
-                  for position, round_index, index, batch in tasks]
-        self.pipeline.run_together(chunks, self._client_arrays)
-        rss = _peak_rss_mb()
-        return [chunk.result(rss_mb=rss) for chunk in chunks]
+        return self._together([self._chunk(versions[position], None, round_index, RoundPlan(), index, batch)
+                               for position, round_index, index, batch in tasks])
 
     def secure_phase(self, name: str, inbound: object) -> PhaseOutput:
         """One secure-aggregation phase for this worker's clients of the current round."""
