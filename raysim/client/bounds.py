@@ -16,7 +16,8 @@ from raysim.config import AggregationConfig
 
 class FiniteCheck(Stage):
     def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
-        if bool(torch.isfinite(update.delta).all()):
+        # One reduction: a float64 sum of float32 values cannot overflow, and any NaN or Inf makes it non-finite.
+        if bool(torch.isfinite(update.delta.sum(dtype=torch.float64))):
             return True
         chunk.rejected.append(update.client_id)
         return False
