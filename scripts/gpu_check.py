@@ -31,6 +31,12 @@ The checks (each ``check_*`` line is true or false):
 5. Throughput: clients per second of the quickstart rounds (after the first) on four 0.25-GPU workers,
    four CPU workers and one CPU worker per core (at most 32); tokens per second per worker of the LoRA
    rounds. These are reported, not checked: a small MLP is launch-bound on a GPU.
+6. ``check_vectorized_cuda_matches_sequential``: the quickstart with ``training.vectorize: true`` on four
+   0.25-GPU workers against the same sequential, within 1e-4 relative L2 (issue 17).
+   ``check_vectorized_cuda_worker_count_bit_identical``: vectorized on four and on one 0.25-GPU worker,
+   bit for bit (cuBLAS's batched matmuls, whatever the stack). Reported: ``vectorize_speedup_gpu_1000``,
+   client-steps per second of one chunk of 1,000 quickstart clients, vectorized against sequential, on
+   ``cuda:0`` in this process.
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ LORA_PERPLEXITY_RTOL = 0.10
 
 CHECKS = ("check_quarter_gpu_placement", "check_quarter_gpu_concurrent", "check_memory_cap",
           "check_quickstart_cuda_matches_cpu", "check_cpu_worker_count_bit_identical", "check_lora_bf16_dtypes",
-          "check_lora_bf16_runs")
+          "check_lora_bf16_runs", "check_vectorized_cuda_matches_sequential",
+          "check_vectorized_cuda_worker_count_bit_identical")
 MAX_CPU_WORKERS = 32  # the CPU run with "one worker per core" stops here on very large hosts
 
 failures: list[str] = []
@@ -175,6 +182,7 @@ def run_checks(args: argparse.Namespace, out_dir: Path) -> None:
     section("quarter_gpu_workers", lambda: quarter_gpu_workers(args))
     quickstart = section("quickstart", lambda: quickstart_cuda_vs_cpu(args, out_dir, cpus))
     section("lora", lambda: lora_bf16(args, out_dir))
+    section("vectorized", lambda: vectorized_cuda(args, out_dir))
     if quickstart:
         for name, value in quickstart.items():
             report(name, value)
@@ -384,6 +392,68 @@ def quickstart_cuda_vs_cpu(args: argparse.Namespace, out_dir: Path, cpus: int) -
         "quickstart_wall_seconds_gpu": gpu.summary["wall_seconds"],
         "quickstart_wall_seconds_cpu_4": cpu.summary["wall_seconds"],
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Check 6: vectorized client training on the GPU
+# ----------------------------------------------------------------------------------------------------
+
+
+def vectorized_cuda(args: argparse.Namespace, out_dir: Path) -> None:
+    """The quickstart vectorized on 4 and on 1 quarter-GPU workers against sequential on 4; then client-steps
+    per second of one chunk of 1,000 quickstart clients, vectorized against sequential, on cuda:0 (no Ray)."""
+    import statistics
+
+    import numpy as np
+
+    import raysim
+    from raysim.client.messages import ClientBatch, RoundPlan
+    from raysim.config import load_scenario
+    from raysim.data.load import load_data, partition_data
+    from raysim.engine.core import initial_global
+    from raysim.engine.sampling import sample_clients
+    from raysim.engine.server import local_epochs
+    from raysim.engine.worker import ClientWorker
+
+    common = [f"rounds={args.rounds}", f"output.dir={out_dir}", "output.overwrite=true", "tracking.wandb=disabled",
+              "tracking.progress=false", "executor.num_cpus=1", "executor.num_gpus=0.25"]
+    sequential = raysim.run(QUICKSTART, overrides=common + ["name=vec_seq4", "executor.num_workers=4"])
+    four = raysim.run(QUICKSTART, overrides=common + ["name=vec4", "executor.num_workers=4", "training.vectorize=true"])
+    one = raysim.run(QUICKSTART, overrides=common + ["name=vec1", "executor.num_workers=1", "training.vectorize=true"])
+    a, b = four.global_vector.astype(np.float64), sequential.global_vector.astype(np.float64)
+    rel = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    report("vectorized_quickstart_model_rel_l2", rel)
+    check("check_vectorized_cuda_matches_sequential", rel <= 1e-4, "vectorized and sequential within 1e-4 relative L2")
+    check("check_vectorized_cuda_worker_count_bit_identical", bool(np.array_equal(four.global_vector, one.global_vector)),
+          "vectorized on 4 and on 1 quarter-GPU workers")
+    report("vectorized_throughput_clients_per_second_gpu_4x0.25", _clients_per_second(four))
+
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    made = {}
+    for vectorize in (False, True):
+        config = load_scenario(QUICKSTART, ["executor.num_gpus=1", "sampling.clients_per_round=1000",
+                                            f"training.vectorize={str(vectorize).lower()}"])
+        data = load_data(config)
+        part = partition_data(config, data)
+        made[vectorize] = ClientWorker.local(config, data.x_train, data.y_train, part.indices, part.offsets,
+                                             data.feature_shape, data.num_classes)
+    global_vec = initial_global(config, data.feature_shape, data.num_classes)
+    for round_index in range(4):
+        ids = sample_clients(config.sampling, config.num_clients, config.seed, round_index)
+        batch = ClientBatch(client_ids=ids, epochs=local_epochs(config, ids, round_index))
+        for vectorize, worker in made.items():
+            tick = time.perf_counter()
+            if vectorize:
+                results = worker.train_pack(global_vec, None, round_index, RoundPlan(), 0, [(0, batch)])
+            else:
+                results = [worker.train(global_vec, None, round_index, RoundPlan(), 0, batch)]
+            steps = sum(int(r.steps.sum()) for r in results)
+            if round_index:  # the first pass warms both up
+                rates[vectorize].append(steps / (time.perf_counter() - tick))
+    seq, vec = statistics.median(rates[False]), statistics.median(rates[True])
+    report("vectorized_gpu_1000_sequential_client_steps_per_second", seq)
+    report("vectorized_gpu_1000_vectorized_client_steps_per_second", vec)
+    report("vectorize_speedup_gpu_1000", vec / seq)
 
 
 # ----------------------------------------------------------------------------------------------------

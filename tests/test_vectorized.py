@@ -287,3 +287,19 @@ def test_vectorized_fedbuff_matches_sequential_fedbuff(ray_session, tiny_scenari
     assert len(vectorized.history) == len(sequential.history) > 0
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-5
     assert np.array_equal(one.global_vector, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stacked_training_on_cuda_matches_the_cpu():
+    model, shape = _model("cnn")
+    config, data = OPTIMIZERS["adam"], _data(shape)
+    start = FlatParams(model).vector.clone()
+    cpu = _stacked(model, shape, config, data, EPOCHS, start)
+    cuda = torch.device("cuda")
+    model = model.to(cuda)
+    trainer = StackedTrainer(model, shape, config, cuda, memory_bytes=2**30)
+    clients = [StackedClient(x=x.to(cuda), y=y.to(cuda), epochs=e, rng=client_rng(SEED, ROUND, c), start=start.to(cuda))
+               for c, ((x, y), e) in enumerate(zip(data, EPOCHS))]
+    result = trainer.train(clients, lambda order, a: None)
+    assert result.local.device.type == "cuda"
+    assert torch.allclose(result.local.cpu(), cpu.local, rtol=1e-4, atol=1e-5)
