@@ -6,7 +6,8 @@ from it and will be used is queued for training, in batches grouped by (start ve
 use): all updates in one batch share a staleness, so the worker's folded Σ w_k·Δ_k is all a step
 needs. The launcher sends the earliest-needed batches first, keeps a bounded number of calls
 queued per worker, and packs whatever waits into one ``train_many`` call of up to
-``clients_per_call`` clients (``ClientWorker.train_many``). Each step consumes its batches in
+``clients_per_call`` clients (``ClientWorker.train_many``; vectorized, up to a worker's share of
+``asynchronous.concurrency``, and the call's clients train together). Each step consumes its batches in
 (start version, client id) order. Which worker ran a batch, in which call, and when, never
 changes a result, so 1 and 2 workers give a bit-identical model.
 
@@ -31,6 +32,7 @@ import ray
 
 from raysim.client.messages import ChunkResult, ClientBatch
 from raysim.config import Scenario
+from raysim.config.compat import vectorize_choice
 from raysim.engine.async_schedule import AsyncSchedule, StepPlan
 from raysim.engine.clock import VersionCache
 from raysim.engine.core import CoreServer, ServerCore
@@ -149,7 +151,10 @@ class AsyncServer(CoreServer):
         self.schedule = AsyncSchedule(system, scenario, model_bytes=4 * self.core.dim)
         self.cache = VersionCache()
         executor = scenario.executor
-        self.launcher = Launcher(workers, executor.calls_in_flight, executor.clients_per_call, self.core.failures)
+        per_call = executor.clients_per_call
+        if vectorize_choice(scenario)[0]:  # clients train together: a call may carry a worker's share of those training
+            per_call = max(per_call, -(-run.concurrency // max(len(workers), 1)))
+        self.launcher = Launcher(workers, executor.calls_in_flight, per_call, self.core.failures)
         self.needed: dict[int, list[Key]] = defaultdict(list)
         self.pending: dict[Key, Task] = {}  # launched, not yet used by a step
         self.core.totals.update(stale_dropped_total=0, dropouts_total=0)
