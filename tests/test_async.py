@@ -216,3 +216,57 @@ def test_async_steps_report_the_same_per_update_metrics_as_rounds(ray_session, t
     malicious = sum(step["malicious"] for step in result.history)
     assert 0 < malicious < sum(step["clients"] for step in result.history)
     assert result.history[-1]["bytes_up_total"] == dense * sum(step["kept"] for step in result.history)
+
+
+def test_compression_with_error_feedback_in_fedbuff_and_fedasync(ray_session, tiny_scenario):
+    """Compression in async modes: the updates are compressed (bytes and ratio), error feedback carries each
+    client's residual to its next update (the model differs from the same run without it), and 1 and 2
+    workers give the same model."""
+    import raysim
+
+    system = ['system.speed={"kind": "lognormal", "mean": 100, "sigma": 0.5}']
+    for mode, steps in (("fedbuff", 12), ("fedasync", 40)):  # 30 clients: each returns several times
+        base = [*system, f'asynchronous.mode="{mode}"', 'compression.kind="topk"', "compression.fraction=0.1",
+                f"rounds={steps}", "num_clients=30"]
+        feedback = raysim.run(tiny_scenario, overrides=[*base, "compression.error_feedback=true", f"name={mode}-ef"])
+        plain = raysim.run(tiny_scenario, overrides=[*base, "compression.error_feedback=false", f"name={mode}"])
+        one = raysim.run(tiny_scenario, overrides=[*base, "compression.error_feedback=true", "executor.num_workers=1",
+                                                   f"name={mode}-ef1"])
+        steps = [m for m in feedback.history if m["kept"]]
+        assert steps and all(m["compression_ratio"] > 5 for m in steps)  # 10% of the coordinates, with indices
+        dense = 4 * feedback.global_vector.size
+        assert all(m["bytes_up_per_client"] < dense / 5 for m in steps)
+        assert not np.array_equal(feedback.global_vector, plain.global_vector)  # the residuals were used
+        assert np.array_equal(feedback.global_vector, one.global_vector)
+
+
+def test_fedbuff_robust_with_the_mean_rule_is_fedbuffs_pseudo_gradient():
+    from raysim.strategies.fedbuff import fedbuff_pseudo_gradient, fedbuff_robust
+    from raysim.strategies.staleness import StalenessFunction
+
+    rng = np.random.default_rng(4)
+    fn = StalenessFunction("polynomial", 0.5, 1.0)
+    buffered = [(int(s), rng.normal(size=(n, 7)), rng.integers(1, 50, n).astype(float)) for s, n in ((0, 3), (4, 2), (9, 1))]
+    folds = [(s, (rows * w[:, None]).sum(axis=0), w.sum()) for s, rows, w in buffered]
+    mean, weight, _ = fedbuff_robust(buffered, fn, "mean")
+    expected, expected_weight = fedbuff_pseudo_gradient(folds, fn)
+    assert weight == expected_weight
+    np.testing.assert_allclose(mean, expected, rtol=1e-6)
+    median, _, _ = fedbuff_robust(buffered, fn, "median")
+    shrunk = np.concatenate([float(fn(s)) * rows for s, rows, _ in buffered])
+    np.testing.assert_allclose(median, np.median(shrunk, axis=0), rtol=1e-6)  # the rule sees each shrunk update
+
+
+def test_fedbuff_under_a_robust_rule_resists_sign_flipping_attackers(ray_session, tiny_scenario):
+    import raysim
+
+    attack = ['system.speed={"kind": "lognormal", "mean": 100, "sigma": 0.5}', 'asynchronous.mode="fedbuff"',
+              "asynchronous.buffer_size=10", "rounds=15", "adversary.fraction=0.2", 'adversary.attack="sign_flip"',
+              "adversary.scale=10.0"]
+    robust = [*attack, 'aggregation.rule="median"']
+    mean = raysim.run(tiny_scenario, overrides=[*attack, "name=mean"])
+    median = raysim.run(tiny_scenario, overrides=[*robust, "name=median"])
+    one = raysim.run(tiny_scenario, overrides=[*robust, "executor.num_workers=1", "name=median1"])
+    assert median.final_accuracy > mean.final_accuracy + 0.2  # the mean is dragged off by the flipped updates
+    assert np.array_equal(median.global_vector, one.global_vector)
+    assert sum(m["malicious"] for m in median.history) > 0  # attackers were in the buffers

@@ -3,7 +3,9 @@
 Client half: the update plus the client's carried residual is encoded (top-k, rand-k, the round's
 shared random mask, or quantization; ``raysim.compression``), the decoded vector goes on, and what it
 lost becomes the client's new residual (error feedback, Seide et al. 2014; Karimireddy et al. 2019).
-The message's bytes are counted. Server half: under secure aggregation with the shared random mask
+The message's bytes are counted. In async modes the clients that start from one model version share
+that version's mask, and a client's residual is read when it is launched and written back when its
+update is used. Server half: under secure aggregation with the shared random mask
 only the mask's k coordinates enter the protocol, and their sums go back to those coordinates.
 """
 
@@ -17,7 +19,15 @@ import torch
 from raysim.client.pipeline import Chunk, ClientUpdate, Released, Stage
 from raysim.client.train import client_rng
 from raysim.compression import CompressionSpec, compress_with_feedback, shared_mask_indices
-from raysim.config import CompressionConfig
+from raysim.config import CompressionConfig, Scenario
+
+
+def shared_mask_seed(scenario: Scenario, round_index: int) -> int | None:
+    """The seed of the shared random mask of the clients that start from round (or model version)
+    ``round_index``; None unless ``compression.kind`` is ``random_mask``."""
+    if scenario.compression is None or scenario.compression.kind != "random_mask":
+        return None
+    return int(np.random.default_rng([scenario.seed, round_index, 31]).integers(2**63))
 
 
 class Compression(Stage):

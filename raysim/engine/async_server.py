@@ -43,7 +43,7 @@ from raysim.engine.system_model import ClientSystem
 from raysim.errors import ScenarioError
 from raysim.strategies import Aggregate
 from raysim.strategies.fedasync import fedasync_update
-from raysim.strategies.fedbuff import fedbuff_pseudo_gradient
+from raysim.strategies.fedbuff import fedbuff_pseudo_gradient, fedbuff_robust
 from raysim.strategies.staleness import StalenessFunction
 
 _REJECTED_STEPS = 10  # steps in a row whose every update was NaN/Inf before the run is called diverged
@@ -194,7 +194,9 @@ class AsyncServer(CoreServer):
             ids = np.sort(np.asarray(by_step[step], dtype=np.int64))
             self.cache.acquire(version, ref, count=len(ids))
             for piece, chunk in enumerate(chunked(ids, size)):
-                batch = ClientBatch(client_ids=chunk, epochs=np.full(len(chunk), epochs, dtype=np.int64))
+                residuals = None if self.core.residuals is None else self.core.residuals.get(chunk)  # error feedback
+                batch = ClientBatch(client_ids=chunk, epochs=np.full(len(chunk), epochs, dtype=np.int64),
+                                    residuals=residuals)
                 self.pending[(step, version, piece)] = Task(version, ref, batch)
                 self.launcher.submit((step, version, piece), self.pending[(step, version, piece)])
                 self.needed[step].append((step, version, piece))
@@ -252,6 +254,14 @@ class AsyncServer(CoreServer):
             self.core.global_vec = fedasync_update(self.core.global_vec, x_start, delta, plan.step - 1 - version,
                                                    alpha=self.alpha, fn=self.staleness_fn)
             self.core.check(where)
+        elif self.scenario.aggregation.rule != "mean":  # the buffer's updates one by one, under the robust rule
+            aggregation = self.scenario.aggregation
+            kept = [(plan.step - 1 - version, r.rows[r.weights > 0], r.weights[r.weights > 0]) for version, r in results]
+            mean_delta, weight, details = fedbuff_robust(
+                kept, self.staleness_fn, aggregation.rule, trim_fraction=aggregation.trim_fraction,
+                byzantine=aggregation.byzantine, multikrum=aggregation.multikrum or max(out["kept"] - aggregation.byzantine, 1))
+            out.update({k: v for k, v in details.items() if not isinstance(v, list)})
+            self.core.apply(Aggregate(mean_delta=mean_delta, total_weight=weight, num_clients=out["kept"]), where)
         else:
             folds = [(plan.step - 1 - version, r.delta_sum, r.weight_sum) for version, r in results]
             mean_delta, weight = fedbuff_pseudo_gradient(folds, self.staleness_fn)

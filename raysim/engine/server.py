@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from raysim.client.compress import Compression
+from raysim.client.compress import Compression, shared_mask_seed
 from raysim.client.dp_clip import DPClip, ring_sensitivity
 from raysim.client.messages import ChunkResult, ClientBatch, RoundPlan
 from raysim.client.pipeline import Released
@@ -161,10 +161,7 @@ class RoundServer(CoreServer):
         secure = None
         if config is not None:
             secure = SecureRound(config, round_params(config, cohort), secrets.token_bytes(16), self.weight_bound)
-        mask_seed = None
-        if scenario.compression is not None and scenario.compression.kind == "random_mask":
-            mask_seed = int(np.random.default_rng([scenario.seed, round_index, 31]).integers(2**63))
-        common = {"per_client": scenario.aggregation.rule != "mean", "mask_seed": mask_seed}
+        common = {"per_client": scenario.aggregation.rule != "mean", "mask_seed": shared_mask_seed(scenario, round_index)}
         if dp is None:
             return RoundPlan(secure=secure, **common)
         noise_variance = 0.0

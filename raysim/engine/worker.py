@@ -18,6 +18,7 @@ import ray
 import torch
 
 from raysim.client.build import build_pipeline
+from raysim.client.compress import shared_mask_seed
 from raysim.client.encode import Encoding
 from raysim.client.messages import ChunkResult, ClientBatch, EvalResult, RoundPlan
 from raysim.client.pipeline import Chunk
@@ -177,10 +178,12 @@ class ClientWorker:
         tasks' clients train together, each from its own task's version.
         """
         self.chaos.before_call()
+        per_client = self.scenario.aggregation.rule != "mean"  # FedBuff's robust rule takes the updates one by one
+        plan = lambda version: RoundPlan(mask_seed=shared_mask_seed(self.scenario, version), per_client=per_client)  # noqa: E731
         if not self.vectorized:
-            return [self.run_chunk(versions[position], None, round_index, RoundPlan(), index, batch)
+            return [self.run_chunk(versions[position], None, round_index, plan(round_index), index, batch)
                     for position, round_index, index, batch in tasks]
-        return self._together([self._chunk(versions[position], None, round_index, RoundPlan(), index, batch)
+        return self._together([self._chunk(versions[position], None, round_index, plan(round_index), index, batch)
                                for position, round_index, index, batch in tasks])
 
     def secure_phase(self, name: str, inbound: object) -> PhaseOutput:
