@@ -506,6 +506,11 @@ class AsyncConfig(Strict):
             raise ValueError(f"asynchronous.max_staleness: must be >= 0 server steps (got {self.max_staleness})")
         return self
 
+    @property
+    def step_updates(self) -> int:
+        """The updates one server step aggregates: FedBuff's K, FedAsync's one."""
+        return self.buffer_size if self.mode == "fedbuff" else 1
+
 
 class CheckpointConfig(Strict):
     """Checkpoints every ``every`` rounds (server steps in async modes), and on SIGINT or SIGTERM."""

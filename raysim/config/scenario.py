@@ -111,7 +111,10 @@ class Scenario(Strict):
         The Poisson rate; K/N for fixed-size sampling; ⌈K·over_selection⌉/N with over-selection, since a
         client that always finishes first is kept whenever it is among the ⌈K·over_selection⌉ drawn. DP-FedAvg's
         fixed denominator qW uses the expected kept fraction K/N instead (``raysim.privacy.dp.sampling``).
+        In async modes K is the updates a server step aggregates.
         """
+        if self.asynchronous is not None:  # a server step aggregates K updates (FedBuff's buffer, FedAsync's one)
+            return self.asynchronous.step_updates / self.num_clients
         if self.sampling.kind == "poisson":
             return float(self.sampling.rate)
         if self.over_selected:

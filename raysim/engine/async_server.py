@@ -194,9 +194,10 @@ class AsyncServer(CoreServer):
             ids = np.sort(np.asarray(by_step[step], dtype=np.int64))
             self.cache.acquire(version, ref, count=len(ids))
             for piece, chunk in enumerate(chunked(ids, size)):
-                residuals = None if self.core.residuals is None else self.core.residuals.get(chunk)  # error feedback
+                core = self.core
                 batch = ClientBatch(client_ids=chunk, epochs=np.full(len(chunk), epochs, dtype=np.int64),
-                                    residuals=residuals)
+                                    residuals=None if core.residuals is None else core.residuals.get(chunk),
+                                    dp_states=None if core.local_dp is None else core.local_dp.states_for(chunk))
                 self.pending[(step, version, piece)] = Task(version, ref, batch)
                 self.launcher.submit((step, version, piece), self.pending[(step, version, piece)])
                 self.needed[step].append((step, version, piece))
@@ -207,13 +208,16 @@ class AsyncServer(CoreServer):
         if self.current is None:
             self._publish(0, self.schedule.resolve(0))
         failures_before = core.failures.count
+        gate = core.budget_gate({"round": round_index + 1})
+        if gate is not None and "stopped" in gate:
+            return gate
         plan = self.schedule.next_step()
         used = self.schedule.resolve(plan.step)  # planning needs no training: do it while the workers train
         keys = sorted(self.needed.pop(plan.step, []), key=lambda k: (k[1], k[2]))
         results = [(key[1], self.launcher.get(key)) for key in keys]
         for key in keys:
             del self.pending[key]
-        metrics: dict[str, Any] = {"round": plan.step, "clients": len(plan.arrivals)}
+        metrics: dict[str, Any] = {**(gate or {}), "round": plan.step, "clients": len(plan.arrivals)}
         metrics.update(self._step(plan, results))
         for version, result in results:
             for _ in result.client_ids:
@@ -224,7 +228,7 @@ class AsyncServer(CoreServer):
         totals["dropouts_total"] += plan.dropouts
         totals["worker_failures_total"] = core.failures.count
         metrics["worker_failures"] = core.failures.count - failures_before
-        metrics.update(totals, stale_dropped=plan.stale_dropped, dropouts=plan.dropouts,
+        metrics.update(totals, **core.privacy_metrics(), stale_dropped=plan.stale_dropped, dropouts=plan.dropouts,
                        virtual_time=plan.time, versions_cached=len(self.cache), **staleness_stats(plan.staleness))
         if plan.step % self.scenario.evaluation.every == 0 or plan.step == self.scenario.rounds:
             metrics.update(core.evaluate(round_index))
@@ -235,6 +239,8 @@ class AsyncServer(CoreServer):
 
     def _step(self, plan: StepPlan, results: list[tuple[int, ChunkResult]]) -> dict[str, Any]:
         """Apply the step's updates to the global model (FedAsync mix or FedBuff buffer)."""
+        if self.core.central_dp is not None:
+            return self._private_step(plan, results)
         if not results:
             self.rejected_streak = 0
             return {"kept": 0, "rejected": 0, "client_errors": 0, "compute_seconds": 0.0}
@@ -266,4 +272,33 @@ class AsyncServer(CoreServer):
             folds = [(plan.step - 1 - version, r.delta_sum, r.weight_sum) for version, r in results]
             mean_delta, weight = fedbuff_pseudo_gradient(folds, self.staleness_fn)
             self.core.apply(Aggregate(mean_delta=mean_delta, total_weight=weight, num_clients=out["kept"]), where)
+        return out
+
+    def _private_step(self, plan: StepPlan, results: list[tuple[int, ChunkResult]]) -> dict[str, Any]:
+        """DP-FedBuff: each buffered update arrives clipped to S with its user weight w ≤ 1; the server sums
+        s(staleness)·w·Δ (s ≤ 1, so one client moves the sum by at most S), counting a client at most once a
+        step, adds N(0, (z·S)²) once, divides by the fixed denominator qW and steps the accountant once, as
+        DP-FedAvg's round does (``CentralDP.aggregate``). A step whose updates were all rejected still runs it."""
+        dp, core = self.core.central_dp, self.core
+        reduction = reduce([r for _, r in results]) if results else None
+        out = core.record(reduction) if reduction is not None else {"kept": 0, "rejected": 0, "client_errors": 0}
+        total, seen, duplicates, unclipped = np.zeros(core.dim, dtype=np.float64), set(), 0, 0
+        for version, result in results:
+            shrink = float(self.staleness_fn(plan.step - 1 - version))
+            for cid, row, weight in zip(result.client_ids.tolist(), result.rows, result.weights):
+                if weight <= 0:
+                    continue
+                if cid in seen:  # a fast client's second update in one buffer: its sensitivity would double
+                    duplicates += 1
+                    continue
+                seen.add(cid)
+                total += shrink * float(weight) * row.astype(np.float64)
+            unclipped += result.unclipped
+        out["dp_duplicates_dropped"] = duplicates
+        out["dp_unclipped_fraction"] = unclipped / max(out["kept"], 1)
+        out["dp_empty_round"] = int(not seen)
+        mean = dp.aggregate(total, unclipped=unclipped, empty=not seen, server_noise=True,
+                            rng=np.random.default_rng([self.scenario.seed, plan.step, 13]))
+        core.apply(Aggregate(mean_delta=mean, total_weight=dp.expected_weight, num_clients=len(seen)),
+                   f"server step {plan.step}")
         return out

@@ -109,6 +109,16 @@ class ServerCore:
                 self.local_dp.record(chunk.client_ids, chunk.dp_states, chunk.epsilons)
         return out
 
+    def budget_gate(self, metrics: dict[str, Any]) -> dict[str, Any] | None:
+        """``metrics`` with the DP budget's verdict before a round or server step: ``stopped`` (run no more)
+        or ``dp_budget_exceeded`` (warn and go on); None while within the budget, or without one."""
+        budget = self.central_dp.budget_check() if self.central_dp is not None else None
+        if budget is None or budget.allowed:
+            return None
+        if self.scenario.privacy.on_budget == "stop":
+            return {**metrics, "clients": 0, "stopped": budget.message}
+        return {**metrics, "dp_budget_exceeded": budget.message}
+
     def step(self, released: Released, client_ids: np.ndarray, where: str) -> None:
         """Step the model with what the server halves released (``where``: "round 3", "server step 3")."""
         if released.keep_model:

@@ -76,11 +76,11 @@ class RoundServer(CoreServer):
         sampled = sample_clients(scenario.sampling, scenario.num_clients, scenario.seed, round_index) \
             if self.clock is None else self.clock.sample(round_index)  # ⌈K·over_selection⌉ clients
         metrics: dict[str, Any] = {"round": round_index + 1, "clients": int(len(sampled))}
-        budget = core.central_dp.budget_check() if core.central_dp is not None else None
-        if budget is not None and not budget.allowed:
-            if scenario.privacy.on_budget == "stop":
-                return {**metrics, "clients": 0, "stopped": budget.message}
-            metrics["dp_budget_exceeded"] = budget.message
+        gate = core.budget_gate(metrics)
+        if gate is not None:
+            if "stopped" in gate:
+                return gate
+            metrics = gate
         sampled, epochs = self._cohort(sampled, round_index, metrics)
         failures_before = core.failures.count
         if len(sampled):

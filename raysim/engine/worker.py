@@ -59,6 +59,16 @@ def warm_up() -> None:
     torch.optim.SGD(model.parameters(), lr=0.1).step()
 
 
+def async_plan(scenario: Scenario, version: int) -> RoundPlan:
+    """What every client launched from model ``version`` is told: the version's shared random mask; under a
+    robust rule or central DP (DP-FedBuff, which counts a client at most once a step) to return its update
+    alone; under central DP the clip and the user weight's cap."""
+    privacy = scenario.privacy
+    central = privacy is not None and privacy.mechanism == "central"
+    return RoundPlan(mask_seed=shared_mask_seed(scenario, version), per_client=scenario.aggregation.rule != "mean" or central,
+                     clip_norm=privacy.clip_norm if central else None, weight_cap=privacy.weight_cap if central else None)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -178,8 +188,7 @@ class ClientWorker:
         tasks' clients train together, each from its own task's version.
         """
         self.chaos.before_call()
-        per_client = self.scenario.aggregation.rule != "mean"  # FedBuff's robust rule takes the updates one by one
-        plan = lambda version: RoundPlan(mask_seed=shared_mask_seed(self.scenario, version), per_client=per_client)  # noqa: E731
+        plan = lambda version: async_plan(self.scenario, version)  # noqa: E731
         if not self.vectorized:
             return [self.run_chunk(versions[position], None, round_index, plan(round_index), index, batch)
                     for position, round_index, index, batch in tasks]

@@ -16,7 +16,10 @@ from raysim.config import Scenario, oversample_count
 
 
 def denominator_rate(scenario: Scenario) -> float:
-    """q of the fixed denominator qW: the Poisson rate, or K/N (with or without over-selection)."""
+    """q of the fixed denominator qW: the Poisson rate, or K/N (with or without over-selection; in async
+    modes K is a server step's updates)."""
+    if scenario.asynchronous is not None:
+        return scenario.sample_rate
     if scenario.sampling.kind == "poisson":
         return float(scenario.sampling.rate)
     return scenario.sampling.clients_per_round / scenario.num_clients
@@ -29,6 +32,12 @@ def sampling_assumption(scenario: Scenario) -> str:
         return ("sample-level DP-SGD: each client's accountant assumes Poisson batches at rate 1/⌈samples/batch_size⌉, "
                 "which Opacus's Poisson loader draws exactly; client sampling is not used for amplification")
     q = scenario.sample_rate
+    if scenario.asynchronous is not None:
+        k = scenario.asynchronous.step_updates
+        return (f"the accountant assumes Poisson sampling at q = K/N = {k}/{n} = {q:g} per server step; an async "
+                f"buffer is not a Poisson sample: its K updates are the first K to arrive on the virtual clock from "
+                f"clients launched uniformly at random, so a fast client arrives more often than q, and each client "
+                f"counts at most once a step (a second update in the same buffer is dropped)")
     if scenario.sampling.kind == "poisson":
         return f"Poisson sampling of clients at rate q = {q:g}, as the accountant assumes"
     k = scenario.sampling.clients_per_round
@@ -44,6 +53,8 @@ def sampling_assumption(scenario: Scenario) -> str:
 
 def epsilon_caveat(scenario: Scenario) -> str | None:
     """The note that goes with a starred ε (``ε*``), or None when the sampling is what the accountant assumes."""
-    if scenario.privacy is None or scenario.privacy.mechanism == "local" or scenario.sampling.kind == "poisson":
+    if scenario.privacy is None or scenario.privacy.mechanism == "local":
+        return None
+    if scenario.sampling.kind == "poisson" and scenario.asynchronous is None:
         return None
     return sampling_assumption(scenario)
