@@ -64,6 +64,39 @@ def test_every_clients_delta_respects_the_clip_bound():
         assert chunk.unclipped == 0  # three epochs at lr 0.5 move much further than 0.05
 
 
+def test_with_compression_what_a_client_sends_is_clipped_after_it_is_compressed():
+    """Compress, then clip: a 2-bit stochastic quantizer can round a vector's norm up past S, so only this
+    order keeps every sent update within S; the rows are still quantized (few distinct values)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 60)
+    scenario = parse_scenario({"num_clients": 6, "sampling": {"clients_per_round": 6}, "model": {"kind": "mlp", "hidden": [8]},
+                               "training": {"lr": 0.5, "epochs": 3, "batch_size": 4}, "privacy": {"mechanism": "central"},
+                               "compression": {"kind": "quantize", "bits": 2, "stochastic": True,
+                                               "error_feedback": False}})
+    worker = ClientWorker.local(scenario, x, y, np.arange(60), np.arange(0, 61, 10), (4,), 3)
+    names = [type(stage).__name__ for stage in worker.pipeline.stages]
+    assert names.index("Compression") < names.index("DPClip")
+    global_vec = worker.runtime.flat.numpy()
+    chunk = worker.train(global_vec, None, 0, RoundPlan(clip_norm=0.05, per_client=True), 0,
+                         ClientBatch(np.arange(6), np.full(6, 3)))
+    norms = np.linalg.norm(chunk.rows, axis=1)
+    assert (norms <= 0.05 * (1 + 1e-6)).all() and (norms > 0.049).all()  # clipped to S, after quantization
+    assert all(len(np.unique(row)) <= 4 for row in chunk.rows)  # 2 bits: at most four levels, scaled together
+    assert (chunk.bytes_up < 4 * chunk.rows.shape[1] / 8).all()  # the quantized message, not a dense vector
+
+
+def test_central_dp_with_compression_through_the_engine(ray_session, tiny_scenario):
+    overrides = ["privacy.mechanism=central", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5",
+                 'compression.kind="topk"', "compression.fraction=0.1", "compression.error_feedback=false"]
+    run = raysim.run(tiny_scenario, overrides=[*overrides, "name=dpc"])
+    one = raysim.run(tiny_scenario, overrides=[*overrides, "executor.num_workers=1", "name=dpc1"])
+    plain = raysim.run(tiny_scenario, overrides=[*overrides[:3], "name=dp"])
+    assert np.array_equal(run.global_vector, one.global_vector)
+    assert run.summary["privacy"]["epsilon"] == plain.summary["privacy"]["epsilon"]  # compression costs no ε
+    assert all(m["compression_ratio"] > 5 for m in run.history)
+
+
 def test_central_dp_with_no_noise_and_no_clip_is_fedavg_bit_for_bit(ray_session, tiny_scenario):
     uniform = ["strategy.client_weighting=uniform"]
     fedavg = raysim.run(tiny_scenario, overrides=[*uniform, "name=avg"])

@@ -1,9 +1,10 @@
 """The stage order, in one list, and the pipeline a scenario builds from it.
 
-    train → fault → attack → finite check → norm bound → DP clip → compress (error feedback) → encode
+    train → fault → attack → finite check → norm bound → compress (error feedback) → DP clip → encode
 
 A stage is in a run's pipeline when the scenario turns its feature on; training, the finite check and
-the encoding always are. The worker builds its pipeline with its resident model (``runtime``) and the
+the encoding always are. DP's clip comes after compression, so what a client sends, compressed,
+is what is clipped: the sensitivity stays the clip norm S (the clip only scales the codec's values). The worker builds its pipeline with its resident model (``runtime``) and the
 clients' storage key; the server builds the same list without them, for the server halves.
 """
 
@@ -65,8 +66,8 @@ STAGES: list[tuple[str, Callable[[Scenario, dict], Stage | None]]] = [
     ("attack", _attack),
     ("finite_check", lambda s, parts: FiniteCheck()),
     ("norm_bound", _norm_bound),
-    ("dp_clip", _dp_clip),
     ("compress", _compression),
+    ("dp_clip", _dp_clip),
     ("encode", _encoding),
 ]
 
