@@ -227,7 +227,7 @@ ROWS: tuple[Exclusion, ...] = (
               {"compression.kind": "random_mask", "privacy.mechanism": "distributed", "secure_aggregation": {}}),
     Exclusion(("error feedback", "central DP"), "not_built", "compression.error_feedback",
               "error feedback keeps each client's unsent residual in the server's state store in the clear, "
-              "outside what central DP noises; sealing it to its client is not built yet",
+              "outside what central DP noises, and sealing it to its client is not built yet",
               "set compression.error_feedback: false (compression itself composes with central DP)",
               lambda s: _compression(s) and s.compression.error_feedback and _dp(s, "central"),
               {"compression.kind": "topk", "compression.error_feedback": True, "privacy.mechanism": "central"}),
