@@ -31,7 +31,7 @@ from raysim.strategies.robust import robust_aggregate
 class Encoding(Stage):
     def __init__(self, scenario: Scenario, sealer: RowSealer | None = None) -> None:
         self.scenario, self.sealer = scenario, sealer
-        self.group: ClientGroup | None = None  # this worker's clients of the current secure round
+        self.groups: dict[bytes, ClientGroup] = {}  # this worker's clients of each open secure session
         self.plain: dict[int, tuple[np.ndarray, float]] = {}  # secure_aggregation.diagnostics only
 
     def begin(self, chunk: Chunk) -> None:
@@ -71,29 +71,29 @@ class Encoding(Stage):
     def _join_secure_round(self, update: ClientUpdate, chunk: Chunk) -> None:
         plan, cid = chunk.plan, update.client_id
         secure = plan.secure
-        if self.group is None or self.group.session_id != secure.session_id:
-            self.group = ClientGroup([], secure.params, secure.session_id, chunk.round_index)
+        round_index = chunk.round_index if secure.round_index is None else secure.round_index
+        if secure.session_id not in self.groups:  # a worker may hold clients of several open FedBuff buffers
+            self.groups[secure.session_id] = ClientGroup([], secure.params, secure.session_id, round_index)
             self.plain = {}
-        delta = update.delta.cpu().numpy()
+        delta = update.delta.cpu().numpy() * np.float32(plan.update_scale)
         if plan.mask_seed is not None:  # the shared random mask: only its k coordinates enter the protocol
             delta = delta[shared_mask_indices(delta.size, self.scenario.compression.fraction, plan.mask_seed)]
         ring = encode_update(delta, update.weight, secure.weight_bound, update.state_delta, secure.config,
-                             secure.params, client_rng(self.scenario.seed, chunk.round_index, cid, stream=9),
+                             secure.params, client_rng(self.scenario.seed, round_index, cid, stream=9),
                              dp_clip_norm=plan.clip_norm, noise_variance=plan.noise_variance,
                              noise_kind=plan.noise_kind)
-        self.group.add(cid, ring)
+        self.groups[secure.session_id].add(cid, ring)
         if secure.config.diagnostics:  # kept for the driver's quantization-error metric only
             self.plain[cid] = (delta, update.weight)
 
-    def secure_phase(self, name: str, inbound: object) -> PhaseOutput:
-        """One secure-aggregation phase for this worker's clients of the current round."""
-        assert self.group is not None, "secure_phase before any client joined the round"
-        return self.group.phase(name, inbound)
+    def secure_phase(self, name: str, inbound: object, session_id: bytes) -> PhaseOutput:
+        """One secure-aggregation phase for this worker's clients of session ``session_id``."""
+        assert session_id in self.groups, "secure_phase before any client joined the session"
+        return self.groups[session_id].phase(name, inbound)
 
     def end_secure_round(self, session_id: bytes) -> None:
-        """Forget the clients' protocol state once their round is over (their secrets die with it)."""
-        if self.group is not None and self.group.session_id == session_id:
-            self.group = None
+        """Forget the clients' protocol state once their session is over (their secrets die with it)."""
+        self.groups.pop(session_id, None)
 
     def plain_sum(self, client_ids: list[int], dim: int) -> np.ndarray | None:
         """Σ w·Δ in float64 over ``client_ids`` held here (diagnostics only; see ``ClientWorker``)."""

@@ -35,6 +35,7 @@ class RoundPlan:
     noise_kind: str = "discrete_gaussian"
     per_client: bool = False  # robust aggregation: return each client's update instead of folding them
     mask_seed: int | None = None  # compression.kind random_mask: the round's shared mask, public to all
+    update_scale: float = 1.0  # secure FedBuff: the staleness weight s ≤ 1 a client applies before encoding
 
     def weight(self, num_samples: int, client_weighting: str) -> float:
         if self.clip_norm is not None:

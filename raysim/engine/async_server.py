@@ -21,7 +21,9 @@ the same per-update metrics; FedBuff's staleness-weighted sum is the strategy's 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,17 +32,24 @@ from typing import Any
 import numpy as np
 import ray
 
-from raysim.client.messages import ChunkResult, ClientBatch
+from raysim.client.compress import shared_mask_seed
+from raysim.client.dp_clip import ring_sensitivity
+from raysim.client.messages import ChunkResult, ClientBatch, RoundPlan
+from raysim.client.pipeline import Released
 from raysim.config import Scenario
 from raysim.config.compat import vectorize_choice
 from raysim.engine.async_schedule import AsyncSchedule, StepPlan
 from raysim.engine.clock import VersionCache
 from raysim.engine.core import CoreServer, ServerCore
 from raysim.engine.evaluation import chunked
-from raysim.engine.pool import WORKER_LOST, Prepared, WorkerFailures
+from raysim.engine.pool import WORKER_LOST, Prepared, WorkerFailures, lost_position
 from raysim.engine.reduce import reduce
+from raysim.engine.reduce import ServerRound
+from raysim.engine.secure import SecureSum, secure_sum
 from raysim.engine.system_model import ClientSystem
 from raysim.errors import ScenarioError
+from raysim.privacy.dp.distributed import per_client_variance, target_variance
+from raysim.privacy.secagg.setup import SecureRound, round_params
 from raysim.strategies import Aggregate
 from raysim.strategies.fedasync import fedasync_update
 from raysim.strategies.fedbuff import fedbuff_pseudo_gradient, fedbuff_robust
@@ -59,6 +68,7 @@ class Task:
     version: int
     ref: ray.ObjectRef
     batch: ClientBatch
+    plan: RoundPlan
 
 
 class Launcher:
@@ -74,6 +84,7 @@ class Launcher:
         self.done: dict[Key, ray.ObjectRef] = {}  # finished, not yet fetched: key → its call
         self.call_tasks: dict[ray.ObjectRef, tuple[list[tuple[Key, Task]], int]] = {}
         self.results: dict[Key, ChunkResult] = {}
+        self.where: dict[Key, int] = {}  # the worker that trained each fetched task (its clients' secrets live there)
 
     def submit(self, key: Key, task: Task) -> None:
         heapq.heappush(self.waiting, (key, task))
@@ -98,6 +109,7 @@ class Launcher:
                 del self.done[k]
             try:
                 self.results.update(zip([k for k, _ in packed], ray.get(call)))
+                self.where.update((k, worker) for k, _ in packed)
                 self.failures.alive(worker)
             except WORKER_LOST as err:
                 self.failures.lost(worker, err)
@@ -120,7 +132,7 @@ class Launcher:
             for _, task in packed:
                 refs.setdefault(task.version, task.ref)
             position = {version: k for k, version in enumerate(refs)}
-            specs = [(position[task.version], task.version, i, task.batch) for i, (_, task) in enumerate(packed)]
+            specs = [(position[task.version], task.version, i, task.batch, task.plan) for i, (_, task) in enumerate(packed)]
             call = self.workers[worker].train_many.remote(specs, *refs.values())
             self.running[call] = (packed, worker)
             self.load[worker] += 1
@@ -159,6 +171,12 @@ class AsyncServer(CoreServer):
         self.pending: dict[Key, Task] = {}  # launched, not yet used by a step
         self.core.totals.update(stale_dropped_total=0, dropouts_total=0)
         self.current: int | None = None  # the version published last
+        self.sessions: dict[int, SecureRound] = {}  # secure FedBuff: each open step's session
+        self.joined: dict[int, set[int]] = {}  # ... and the clients launched into it
+        if scenario.secure_aggregation is not None:
+            self.core.totals["secagg_duplicates_dropped_total"] = 0
+        uncapped = scenario.strategy.client_weighting == "samples" and self.core.central_dp is None
+        self.weight_bound = max_client_weight if uncapped else 1.0  # DP's user weights are min(n/cap, 1) ≤ 1
         self.rejected_streak = 0
 
     def extra_state(self) -> dict[str, Any]:
@@ -166,7 +184,8 @@ class AsyncServer(CoreServer):
         return {"schedule": self.schedule, "current": self.current, "needed": dict(self.needed),
                 "streak": self.rejected_streak,
                 "versions": {v: ray.get(self.cache.get(v)) for v in self.cache.live_versions()},
-                "tasks": [(key, task.version, task.batch) for key, task in self.pending.items()]}
+                "tasks": [(key, task.version, task.batch, task.plan) for key, task in self.pending.items()],
+                "sessions": self.sessions, "joined": self.joined}
 
     def restore_extra(self, state: dict[str, Any]) -> None:
         self.schedule, self.current, self.needed = state["schedule"], state["current"], defaultdict(list, state["needed"])
@@ -174,9 +193,10 @@ class AsyncServer(CoreServer):
         refs = {version: ray.put(vector) for version, vector in state["versions"].items()}
         if self.current is not None:
             self.cache.acquire(self.current, refs[self.current])
-        for key, version, batch in sorted(state["tasks"], key=lambda item: item[0]):
+        self.sessions, self.joined = state["sessions"], state["joined"]
+        for key, version, batch, plan in sorted(state["tasks"], key=lambda item: item[0]):
             self.cache.acquire(version, refs[version], count=len(batch.client_ids))
-            self.pending[key] = Task(version, refs[version], batch)
+            self.pending[key] = Task(version, refs[version], batch, plan)
             self.launcher.submit(key, self.pending[key])
 
     def _publish(self, version: int, used: list[tuple[int, int]]) -> None:
@@ -192,13 +212,22 @@ class AsyncServer(CoreServer):
         epochs, size = self.scenario.training.epochs, self.scenario.executor.clients_per_call
         for step in sorted(by_step):
             ids = np.sort(np.asarray(by_step[step], dtype=np.int64))
+            if self.scenario.secure_aggregation is not None:  # a client joins a step's session once
+                joined = self.joined.setdefault(step, set())
+                fresh = np.array([c not in joined for c in ids.tolist()], dtype=bool)
+                self.core.totals["secagg_duplicates_dropped_total"] += int((~fresh).sum())
+                ids = ids[fresh]
+                joined.update(ids.tolist())
+                if not len(ids):
+                    continue
             self.cache.acquire(version, ref, count=len(ids))
+            plan = self._plan(step, version)
             for piece, chunk in enumerate(chunked(ids, size)):
                 core = self.core
                 batch = ClientBatch(client_ids=chunk, epochs=np.full(len(chunk), epochs, dtype=np.int64),
                                     residuals=None if core.residuals is None else core.residuals.get(chunk),
                                     dp_states=None if core.local_dp is None else core.local_dp.states_for(chunk))
-                self.pending[(step, version, piece)] = Task(version, ref, batch)
+                self.pending[(step, version, piece)] = Task(version, ref, batch, plan)
                 self.launcher.submit((step, version, piece), self.pending[(step, version, piece)])
                 self.needed[step].append((step, version, piece))
 
@@ -215,10 +244,11 @@ class AsyncServer(CoreServer):
         used = self.schedule.resolve(plan.step)  # planning needs no training: do it while the workers train
         keys = sorted(self.needed.pop(plan.step, []), key=lambda k: (k[1], k[2]))
         results = [(key[1], self.launcher.get(key)) for key in keys]
+        placed = [self.launcher.where.pop(key) for key in keys]
         for key in keys:
             del self.pending[key]
         metrics: dict[str, Any] = {**(gate or {}), "round": plan.step, "clients": len(plan.arrivals)}
-        metrics.update(self._step(plan, results))
+        metrics.update(self._step(plan, results, placed))
         for version, result in results:
             for _ in result.client_ids:
                 self.cache.release(version)
@@ -237,8 +267,11 @@ class AsyncServer(CoreServer):
         metrics["clients_per_second"] = metrics["clients"] / seconds if seconds > 0 else 0.0
         return metrics
 
-    def _step(self, plan: StepPlan, results: list[tuple[int, ChunkResult]]) -> dict[str, Any]:
-        """Apply the step's updates to the global model (FedAsync mix or FedBuff buffer)."""
+    def _step(self, plan: StepPlan, results: list[tuple[int, ChunkResult]], placed: list[int]) -> dict[str, Any]:
+        """Apply the step's updates to the global model (FedAsync mix or FedBuff buffer); ``placed`` is the
+        worker of each result."""
+        if self.scenario.secure_aggregation is not None:
+            return self._secure_step(plan, results, placed)
         if self.core.central_dp is not None:
             return self._private_step(plan, results)
         if not results:
@@ -302,3 +335,69 @@ class AsyncServer(CoreServer):
         core.apply(Aggregate(mean_delta=mean, total_weight=dp.expected_weight, num_clients=len(seen)),
                    f"server step {plan.step}")
         return out
+
+    def _plan(self, step: int, version: int) -> RoundPlan:
+        """What the clients launched from ``version`` and used in ``step`` are told (``async_plan``); under
+        secure aggregation also the step's session (and, under distributed DP, each client's noise share),
+        and their staleness weight s ≤ 1 to apply before encoding: masked inputs cannot be weighted after."""
+        plan = async_plan(self.scenario, version)
+        config = self.scenario.secure_aggregation
+        if config is None:
+            return plan
+        if step not in self.sessions:
+            params = round_params(config, self.scenario.asynchronous.buffer_size)
+            self.sessions[step] = SecureRound(config, params, secrets.token_bytes(16), self.weight_bound, round_index=step)
+        secure = self.sessions[step]
+        return dataclasses.replace(plan, secure=secure, noise_variance=self._noise_variance(secure),
+                                   update_scale=float(self.staleness_fn(step - 1 - version)))
+
+    def _noise_variance(self, secure: SecureRound) -> float:
+        """Distributed DP: each client's discrete noise variance, so that any t survivors carry (z·Δ₂)²."""
+        dp = self.core.central_dp
+        if dp is None or self.scenario.privacy.mechanism != "distributed":
+            return 0.0
+        sensitivity = ring_sensitivity(dp.clip_norm, secure, self.core.dim)
+        return per_client_variance(target_variance(dp.update_noise_multiplier, sensitivity), secure.params.threshold)
+
+    def _secure_step(self, plan: StepPlan, results: list[tuple[int, ChunkResult]], placed: list[int]) -> dict[str, Any]:
+        """Secure FedBuff: one protocol session per buffer, over the clients whose masked inputs wait on the
+        workers that trained them. Each encoded s(staleness)·w·Δ (and w), so the released Σ s·w·Δ / Σ w is
+        FedBuff's pseudo-gradient within quantization error. The release then goes through the pipeline's
+        server halves as a sync round's does (the secure sum, DP's noise and accountant). A session that
+        loses a worker is aborted (its clients' secrets died with it)."""
+        core = self.core
+        session = self.sessions.pop(plan.step)
+        self.joined.pop(plan.step, None)
+        step_plan = dataclasses.replace(async_plan(self.scenario, plan.step - 1), secure=session,
+                                        noise_variance=self._noise_variance(session))
+        reduction = reduce([r for _, r in results]) if results else None
+        out = core.record(reduction) if reduction is not None else {"kept": 0, "rejected": 0, "client_errors": 0}
+        owner = {int(cid): worker for (_, result), worker in zip(results, placed)
+                 for cid, weight in zip(result.client_ids.tolist(), result.weights) if weight > 0}
+        released_sum = SecureSum(None, 0.0, None, (), {})
+        if owner:
+            try:
+                released_sum = secure_sum(core.workers, owner, session, core.dim, self.scenario.seed, plan.step)
+            except WORKER_LOST as err:
+                core.failures.lost(lost_position(err, core.workers), err)
+                core.failures.wait_up(core.workers)
+                out["secagg_aborted"] = 1
+        context = ServerRound(plan.step, step_plan, reduction, released_sum, core.central_dp, self.scenario.seed, core.dim)
+        empty = Released(None, None, np.zeros(0 if reduction is None else len(reduction.client_ids), dtype=bool))
+        released = core.pipeline.server(empty, context)
+        ids = np.zeros(0, dtype=np.int64) if reduction is None else reduction.client_ids
+        core.step(released, ids, f"server step {plan.step}")
+        out.update(released.metrics)
+        return out
+
+def async_plan(scenario: Scenario, version: int) -> RoundPlan:
+    """What every client launched from model ``version`` is told: the version's shared random mask; under a
+    robust rule or central DP (DP-FedBuff, which counts a client at most once a step) to return its update
+    alone; under user-level DP the clip, the user weight's cap and the noise's kind."""
+    privacy = scenario.privacy
+    user_level = privacy is not None and privacy.mechanism in ("central", "distributed")
+    central = user_level and privacy.mechanism == "central"
+    return RoundPlan(mask_seed=shared_mask_seed(scenario, version), per_client=scenario.aggregation.rule != "mean" or central,
+                     clip_norm=privacy.clip_norm if user_level else None,
+                     weight_cap=privacy.weight_cap if user_level else None,
+                     noise_kind=privacy.noise if user_level else "discrete_gaussian")

@@ -23,8 +23,8 @@ from raysim.privacy.secagg.setup import SecureRound, decode_sum, dropout_model
 class RemoteParticipants:
     """The round's clients, spread over worker actors; each phase is one call per worker."""
 
-    def __init__(self, workers: Sequence[ray.actor.ActorHandle], owner: Mapping[int, int]) -> None:
-        self.workers, self.owner = workers, owner
+    def __init__(self, workers: Sequence[ray.actor.ActorHandle], owner: Mapping[int, int], session_id: bytes) -> None:
+        self.workers, self.owner, self.session_id = workers, owner, session_id
 
     def _call(self, name: str, inbound: Mapping[int, Any] | Collection[int]) -> PhaseOutput:
         grouped: dict[int, Any] = defaultdict(dict if isinstance(inbound, Mapping) else list)
@@ -33,7 +33,8 @@ class RemoteParticipants:
                 grouped[self.owner[u]][u] = inbound[u]
             else:
                 grouped[self.owner[u]].append(u)
-        outputs = ray.get([self.workers[w].secure_phase.remote(name, part) for w, part in sorted(grouped.items())])
+        outputs = ray.get([self.workers[w].secure_phase.remote(name, part, self.session_id)
+                           for w, part in sorted(grouped.items())])
         merged = PhaseOutput()
         for out in outputs:
             merged.messages.update(out.messages)
@@ -79,7 +80,7 @@ def secure_sum(
     """
     draws = np.random.default_rng([seed, round_index, 11]).integers(2**63, size=2)
     result = drive_round(
-        RemoteParticipants(workers, owner), list(owner), secure.params, dropout_model(secure.config),
+        RemoteParticipants(workers, owner, secure.session_id), list(owner), secure.params, dropout_model(secure.config),
         int(draws[0]), session_id=secure.session_id, round_index=round_index, graph_seed=int(draws[1]),
     )
     ray.get([worker.end_secure_round.remote(secure.session_id) for worker in workers])

@@ -18,7 +18,6 @@ import ray
 import torch
 
 from raysim.client.build import build_pipeline
-from raysim.client.compress import shared_mask_seed
 from raysim.client.encode import Encoding
 from raysim.client.messages import ChunkResult, ClientBatch, EvalResult, RoundPlan
 from raysim.client.pipeline import Chunk
@@ -57,16 +56,6 @@ def warm_up() -> None:
     loss = torch.nn.functional.cross_entropy(model(torch.zeros(2, 2)), torch.tensor([0, 1]))
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
-
-
-def async_plan(scenario: Scenario, version: int) -> RoundPlan:
-    """What every client launched from model ``version`` is told: the version's shared random mask; under a
-    robust rule or central DP (DP-FedBuff, which counts a client at most once a step) to return its update
-    alone; under central DP the clip and the user weight's cap."""
-    privacy = scenario.privacy
-    central = privacy is not None and privacy.mechanism == "central"
-    return RoundPlan(mask_seed=shared_mask_seed(scenario, version), per_client=scenario.aggregation.rule != "mean" or central,
-                     clip_norm=privacy.clip_norm if central else None, weight_cap=privacy.weight_cap if central else None)
 
 
 def _peak_rss_mb() -> float:
@@ -179,8 +168,9 @@ class ClientWorker:
         return Chunk(index=index, round_index=round_index, plan=plan, batch=batch, global_t=as_tensor(global_vec),
                      control=None if server_state is None else as_tensor(server_state), dim=self.runtime.flat.size)
 
-    def train_many(self, tasks: list[tuple[int, int, int, ClientBatch]], *versions: np.ndarray) -> list[ChunkResult]:
-        """Async steps: ``train`` for each task (version position, round index, chunk index, batch), in order.
+    def train_many(self, tasks: list[tuple[int, int, int, ClientBatch, RoundPlan]],
+                   *versions: np.ndarray) -> list[ChunkResult]:
+        """Async steps: ``train`` for each task (version position, round index, chunk index, batch, plan), in order.
 
         The launcher packs whatever waits into one call (each task's updates share a start version and a
         staleness, so each folds alone); ``versions`` are the model versions the tasks start from, passed as
@@ -188,16 +178,15 @@ class ClientWorker:
         tasks' clients train together, each from its own task's version.
         """
         self.chaos.before_call()
-        plan = lambda version: async_plan(self.scenario, version)  # noqa: E731
         if not self.vectorized:
-            return [self.run_chunk(versions[position], None, round_index, plan(round_index), index, batch)
-                    for position, round_index, index, batch in tasks]
-        return self._together([self._chunk(versions[position], None, round_index, plan(round_index), index, batch)
-                               for position, round_index, index, batch in tasks])
+            return [self.run_chunk(versions[position], None, round_index, plan, index, batch)
+                    for position, round_index, index, batch, plan in tasks]
+        return self._together([self._chunk(versions[position], None, round_index, plan, index, batch)
+                               for position, round_index, index, batch, plan in tasks])
 
-    def secure_phase(self, name: str, inbound: object) -> PhaseOutput:
-        """One secure-aggregation phase for this worker's clients of the current round."""
-        return self.encoding.secure_phase(name, inbound)
+    def secure_phase(self, name: str, inbound: object, session_id: bytes) -> PhaseOutput:
+        """One secure-aggregation phase for this worker's clients of session ``session_id``."""
+        return self.encoding.secure_phase(name, inbound, session_id)
 
     def end_secure_round(self, session_id: bytes) -> None:
         """Forget the clients' protocol state once their round is over (their secrets die with it)."""

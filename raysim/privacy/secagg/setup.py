@@ -33,6 +33,7 @@ class SecureRound:
     params: SecAggParams
     session_id: bytes
     weight_bound: float
+    round_index: int | None = None  # the session's round (a FedBuff step); None: the chunk's round
 
 
 def round_params(config: SecureAggregationConfig, num_clients: int) -> SecAggParams:
