@@ -221,7 +221,8 @@ def test_the_workers_dp_ring_vector_holds_exactly_d_words(tiny_scenario):
     secure = SecureRound(scenario.secure_aggregation, round_params(scenario.secure_aggregation, 6), b"s" * 16, 1.0)
     plan = RoundPlan(secure=secure, clip_norm=0.5, noise_variance=4.0)
     worker.train(worker.runtime.flat.numpy(), None, 0, plan, 0, ClientBatch(np.array([0, 1]), np.array([1, 1])))
-    assert {u: v.size for u, v in worker.encoding.group.inputs.items()} == {0: worker.runtime.flat.size, 1: worker.runtime.flat.size}
+    group = worker.encoding.groups[secure.session_id]
+    assert {u: v.size for u, v in group.inputs.items()} == {0: worker.runtime.flat.size, 1: worker.runtime.flat.size}
 
 
 def test_distributed_noise_is_sized_from_the_rounding_bound(make_server):
