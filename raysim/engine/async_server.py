@@ -33,7 +33,7 @@ import numpy as np
 import ray
 
 from raysim.client.compress import shared_mask_seed
-from raysim.client.dp_clip import ring_sensitivity
+from raysim.client.dp_clip import DPClip, ring_sensitivity
 from raysim.client.messages import ChunkResult, ClientBatch, RoundPlan
 from raysim.client.pipeline import Released
 from raysim.config import Scenario
@@ -312,10 +312,10 @@ class AsyncServer(CoreServer):
         s(staleness)·w·Δ (s ≤ 1, so one client moves the sum by at most S), counting a client at most once a
         step, adds N(0, (z·S)²) once, divides by the fixed denominator qW and steps the accountant once, as
         DP-FedAvg's round does (``CentralDP.aggregate``). A step whose updates were all rejected still runs it."""
-        dp, core = self.core.central_dp, self.core
+        core = self.core
         reduction = reduce([r for _, r in results]) if results else None
         out = core.record(reduction) if reduction is not None else {"kept": 0, "rejected": 0, "client_errors": 0}
-        total, seen, duplicates, unclipped = np.zeros(core.dim, dtype=np.float64), set(), 0, 0
+        total, seen, duplicates = np.zeros(core.dim, dtype=np.float64), set(), 0
         for version, result in results:
             shrink = float(self.staleness_fn(plan.step - 1 - version))
             for cid, row, weight in zip(result.client_ids.tolist(), result.rows, result.weights):
@@ -326,14 +326,13 @@ class AsyncServer(CoreServer):
                     continue
                 seen.add(cid)
                 total += shrink * float(weight) * row.astype(np.float64)
-            unclipped += result.unclipped
         out["dp_duplicates_dropped"] = duplicates
-        out["dp_unclipped_fraction"] = unclipped / max(out["kept"], 1)
-        out["dp_empty_round"] = int(not seen)
-        mean = dp.aggregate(total, unclipped=unclipped, empty=not seen, server_noise=True,
-                            rng=np.random.default_rng([self.scenario.seed, plan.step, 13]))
-        core.apply(Aggregate(mean_delta=mean, total_weight=dp.expected_weight, num_clients=len(seen)),
-                   f"server step {plan.step}")
+        # The mechanism itself is DP's server half, as in a sync round (noise, fixed denominator, accountant).
+        context = ServerRound(plan.step, async_plan(self.scenario, plan.step - 1), reduction, None, core.central_dp,
+                              self.scenario.seed, core.dim)
+        released = core.pipeline.find(DPClip).server(Released(total, None, np.ones(len(seen), dtype=bool)), context)
+        core.step(released, np.asarray(sorted(seen), dtype=np.int64), f"server step {plan.step}")
+        out.update(released.metrics)
         return out
 
     def _plan(self, step: int, version: int) -> RoundPlan:
