@@ -23,7 +23,12 @@ from raysim.engine.pool import create_workers
 from raysim.engine.sampling import sample_clients
 from raysim.engine.evaluation import chunked
 from raysim.engine.server import RoundServer, local_epochs
+from raysim.engine.core import initial_global
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
+from raysim.privacy.he import generate_keys
+from raysim.privacy.he.protocol import DecryptedSum, EncryptedUpdate
+from raysim.privacy.he.setup import run_params
+from raysim.privacy.secagg.client import PhaseOutput
 from raysim.privacy.secagg.sealed_state import new_storage_key
 
 SECURE = ["secure_aggregation.threshold=0.5", "rounds=1", "executor.num_workers=2"]
@@ -40,6 +45,9 @@ def _arrays(value):
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _arrays(item)
+    elif isinstance(value, bytes) and len(value) >= 64:  # ciphertexts, keys, shares: read as floats and words too
+        for dtype in (np.dtype(np.float32), np.dtype(np.int64)):
+            yield np.frombuffer(value[: len(value) // dtype.itemsize * dtype.itemsize], dtype=dtype)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for f in dataclasses.fields(value):
             yield from _arrays(getattr(value, f.name))
@@ -85,8 +93,12 @@ def inbox_of(free_cluster, tiny_scenario, tmp_path, monkeypatch):
         dataset = load_data(scenario)
         part = partition_data(scenario, dataset)
         refs = [ray.put(a) for a in (dataset.x_train, dataset.y_train, part.indices, part.offsets)]
+        he = None
+        if scenario.secure_aggregation.backend == "he":  # the key authority's part, as the runner plays it
+            params, _ = run_params(scenario, initial_global(scenario, dataset.feature_shape, dataset.num_classes).size)
+            he = (params, generate_keys(params))
         workers, prepared = create_workers(scenario, 2, refs, dataset.feature_shape, dataset.num_classes,
-                                 client_key=new_storage_key())
+                                           client_key=new_storage_key(), he_secret=None if he is None else he[1].secret)
         inbox: list = []
         real_get = ray.get
 
@@ -98,7 +110,7 @@ def inbox_of(free_cluster, tiny_scenario, tmp_path, monkeypatch):
         try:
             server = RoundServer(scenario, workers, dataset.x_test, dataset.y_test, dataset.feature_shape,
                                  dataset.num_classes, str(tmp_path / "state"), float(part.sizes().max()),
-                                 prepared=prepared)
+                                 prepared=prepared, he=None if he is None else (he[0], he[1].public))
             start = server.core.global_vec.copy()
             monkeypatch.setattr(ray, "get", recording_get)
             metrics = server.run_round(0)
@@ -143,3 +155,22 @@ def test_the_server_actor_receives_no_plaintext_update_or_partial_sum(inbox_of, 
     residual = update.copy()
     residual[: update.size // 10] = 0
     assert len(leaks([update.astype(np.float32), {"sum": partial}, (residual,)], secrets)) >= 3
+
+
+def test_under_he_the_server_actor_receives_ciphertexts_and_the_release_only(inbox_of):
+    inbox, secrets, metrics = inbox_of(["secure_aggregation.backend=he", "strategy.name=scaffold",
+                                        "secure_aggregation.diagnostics=true"])
+    assert metrics["secagg_aborted"] == 0 and metrics["kept"] == 20
+    replies = [m for value in inbox if isinstance(value, list) for out in value if isinstance(out, PhaseOutput)
+               for m in out.messages.values()] + \
+              [m for out in inbox if isinstance(out, PhaseOutput) for m in out.messages.values()]
+    assert sum(isinstance(m, EncryptedUpdate) for m in replies) == 20
+    assert sum(isinstance(m, DecryptedSum) for m in replies) == 1  # the decryptor's reply: the round's release
+    # Everything else, the ciphertexts read as floats and as words included, correlates with no client's
+    # update and no worker's partial sum.
+    rest = [dataclasses.replace(out, messages={u: m for u, m in out.messages.items() if not isinstance(m, DecryptedSum)})
+            if isinstance(out, PhaseOutput) else out for value in inbox
+            for out in (value if isinstance(value, list) else [value])]
+    assert leaks(rest, secrets) == []
+    # A plaintext update serialized to bytes among them would be found.
+    assert leaks([secrets[0].astype(np.float32).tobytes()], secrets)

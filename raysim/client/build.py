@@ -57,7 +57,7 @@ def _compression(s: Scenario, parts: dict) -> Stage | None:
 
 
 def _encoding(s: Scenario, parts: dict) -> Stage:
-    return Encoding(s, parts.get("sealer"))
+    return Encoding(s, parts.get("sealer"), parts.get("he_secret"))
 
 
 STAGES: list[tuple[str, Callable[[Scenario, dict], Stage | None]]] = [
@@ -74,10 +74,10 @@ STAGES: list[tuple[str, Callable[[Scenario, dict], Stage | None]]] = [
 
 def build_pipeline(scenario: Scenario, num_classes: int, *, runtime: ClientRuntime | None = None,
                    strategy: ClientHalf | None = None, sealer: RowSealer | None = None,
-                   feature_shape: tuple[int, ...] | None = None) -> Pipeline:
+                   feature_shape: tuple[int, ...] | None = None, he_secret: bytes | None = None) -> Pipeline:
     """The scenario's stages in ``STAGES`` order; a worker's (``runtime`` given) trains vectorized when
     ``vectorize_choice`` says so, on samples of ``feature_shape``."""
     parts = {"num_classes": num_classes, "runtime": runtime, "strategy": strategy, "sealer": sealer,
-             "feature_shape": feature_shape}
+             "feature_shape": feature_shape, "he_secret": he_secret}
     stages = (make(scenario, parts) for _, make in STAGES)
     return Pipeline([stage for stage in stages if stage is not None])

@@ -6,8 +6,9 @@ Three encodings, chosen by the round's plan:
   * row (``plan.per_client``, for a robust rule): each client's Δ_k is kept as a row; the server half is
     the robust rule (``raysim.strategies.robust``: Krum, trimmed mean, median, ...).
   * secure (``plan.secure``): each client's update is quantized into its private ring vector and joins
-    this worker's ``ClientGroup`` for the masking protocol (Bonawitz et al. 2017; ``raysim.privacy.secagg``);
-    the server half reads the secure sum's release. Under secure aggregation the clients' state rows
+    this worker's ``ClientGroup`` for the masking protocol (Bonawitz et al. 2017; ``raysim.privacy.secagg``),
+    or, with ``backend: he``, its ``HEClientGroup``, which encrypts the same words (BFV) or the clipped floats
+    (CKKS) under the run's public key (``raysim.privacy.he``); the server half reads the secure sum's release. Under secure aggregation the clients' state rows
     (SCAFFOLD's c_i, error-feedback residuals) are kept by the server sealed (``sealed_state``): they are
     opened here before the clients train, and sealed again after.
 """
@@ -29,10 +30,14 @@ from raysim.strategies.robust import robust_aggregate
 
 
 class Encoding(Stage):
-    def __init__(self, scenario: Scenario, sealer: RowSealer | None = None) -> None:
+    def __init__(self, scenario: Scenario, sealer: RowSealer | None = None, he_secret: bytes | None = None) -> None:
         self.scenario, self.sealer = scenario, sealer
-        self.groups: dict[bytes, ClientGroup] = {}  # this worker's clients of each open secure session
-        self.plain: dict[int, tuple[np.ndarray, float]] = {}  # secure_aggregation.diagnostics only
+        self.he_context = None
+        if he_secret is not None:  # backend: he; TenSEAL loads only in runs that use it
+            from raysim.privacy.he.keys import load_context
+            self.he_context = load_context(he_secret)
+        self.groups: dict[bytes, Any] = {}  # this worker's clients of each open secure session
+        self.plain: dict[int, tuple[np.ndarray, float, np.ndarray]] = {}  # diagnostics only: Δ, w, the encoded vector
 
     def begin(self, chunk: Chunk) -> None:
         batch = chunk.batch
@@ -73,18 +78,38 @@ class Encoding(Stage):
         secure = plan.secure
         round_index = chunk.round_index if secure.round_index is None else secure.round_index
         if secure.session_id not in self.groups:  # a worker may hold clients of several open FedBuff buffers
-            self.groups[secure.session_id] = ClientGroup([], secure.params, secure.session_id, round_index)
+            self.groups[secure.session_id] = self._group(secure, round_index)
             self.plain = {}
         delta = update.delta.cpu().numpy() * np.float32(plan.update_scale)
         if plan.mask_seed is not None:  # the shared random mask: only its k coordinates enter the protocol
             delta = delta[shared_mask_indices(delta.size, self.scenario.compression.fraction, plan.mask_seed)]
+        if secure.he is not None and secure.he.scheme == "ckks":
+            from raysim.privacy.he.encoding import encode_floats
+            values = encode_floats(delta, update.weight, secure.weight_bound, update.state_delta, secure.config,
+                                   dp_clip_norm=plan.clip_norm)
+            self.groups[secure.session_id].add(cid, values)
+            if secure.config.diagnostics:
+                self.plain[cid] = (delta, update.weight, values)
+            return
         ring = encode_update(delta, update.weight, secure.weight_bound, update.state_delta, secure.config,
                              secure.params, client_rng(self.scenario.seed, round_index, cid, stream=9),
                              dp_clip_norm=plan.clip_norm, noise_variance=plan.noise_variance,
                              noise_kind=plan.noise_kind)
+        if secure.he is not None:  # BFV encrypts masking's words, read as signed integers
+            from raysim.privacy.he.encoding import signed_words
+            ring = signed_words(ring, secure.params)
         self.groups[secure.session_id].add(cid, ring)
         if secure.config.diagnostics:  # kept for the driver's quantization-error metric only
-            self.plain[cid] = (delta, update.weight)
+            self.plain[cid] = (delta, update.weight, ring)
+
+    def _group(self, secure: Any, round_index: int) -> Any:
+        """The worker's group of clients for a new session: masking's ``ClientGroup`` or an ``HEClientGroup``."""
+        if secure.he is None:
+            return ClientGroup([], secure.params, secure.session_id, round_index)
+        if self.he_context is None:
+            raise RuntimeError("an he session needs the run's secret context (WorkerSetup.sealed_he_key)")
+        from raysim.privacy.he.protocol import HEClientGroup
+        return HEClientGroup(self.he_context, secure.he, secure.params.threshold)
 
     def secure_phase(self, name: str, inbound: object, session_id: bytes) -> PhaseOutput:
         """One secure-aggregation phase for this worker's clients of session ``session_id``."""
@@ -101,10 +126,21 @@ class Encoding(Stage):
             return None
         total = np.zeros(dim, dtype=np.float64)
         for cid in sorted(client_ids):
-            delta, weight = self.plain[cid]
+            delta, weight, _ = self.plain[cid]
             total += weight * delta.astype(np.float64)
         self.plain = {}
         return total
+
+    def encoded_sum(self, client_ids: list[int]) -> np.ndarray | None:
+        """The exact sum of what ``client_ids`` encoded (ring words as Python integers, CKKS's floats in float64),
+        for the driver's he_decoding_error (asked before ``plain_sum``, which forgets them)."""
+        if not set(client_ids) <= self.plain.keys():
+            return None
+        parts = [self.plain[cid][2] for cid in sorted(client_ids)]
+        if not parts:
+            return None
+        floats = np.issubdtype(parts[0].dtype, np.floating)
+        return np.sum(parts, axis=0, dtype=np.float64) if floats else np.sum([p.astype(object) for p in parts], axis=0)
 
     def server(self, released: Released, context: Any) -> Released:
         """The round's sum: the secure sum's release, the robust rule over the rows, or the plain sum."""

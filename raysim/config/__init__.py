@@ -15,7 +15,7 @@ from raysim.config.blocks import (TEXT_SOURCES, AdaptiveClippingConfig, Adversar
                                   AsyncConfig, Availability, CheckpointConfig, CompressionConfig, DataConfig,
                                   Distribution, EvaluationConfig, ExecutorConfig, FaultsConfig, LoraConfig,
                                   ModelConfig, OutputConfig, PartitionConfig, PrivacyConfig, SamplingConfig,
-                                  SecureAggregationConfig, StalenessConfig, StrategyConfig, SystemConfig,
+                                  SecureAggregationConfig, StalenessConfig, StrategyConfig, SystemConfig, HEConfig,
                                   TinyTransformerConfig, TrackingConfig, TrainingConfig, path_exists)
 from raysim.config.loading import load_scenario, one_line, parse_scenario, scenario_to_yaml
 from raysim.config.overrides import apply_overrides, check_known_path
@@ -26,7 +26,7 @@ __all__ = [
     "TEXT_SOURCES", "AdaptiveClippingConfig", "AdversaryConfig", "AggregationConfig", "AsyncConfig", "Availability",
     "CheckpointConfig", "CompressionConfig", "DataConfig", "Distribution", "EvaluationConfig", "ExecutorConfig",
     "FaultsConfig", "LoraConfig", "ModelConfig", "OutputConfig", "PartitionConfig", "PrivacyConfig",
-    "SamplingConfig", "Scenario", "SecureAggregationConfig", "StalenessConfig", "StrategyConfig", "SystemConfig",
+    "HEConfig", "SamplingConfig", "Scenario", "SecureAggregationConfig", "StalenessConfig", "StrategyConfig", "SystemConfig",
     "TinyTransformerConfig", "TrackingConfig", "TrainingConfig", "apply_overrides", "check_known_path",
     "load_scenario", "one_line", "oversample_count", "parse_scenario", "path_exists", "safe_yaml",
     "scenario_to_yaml",

@@ -228,14 +228,34 @@ class StrategyConfig(Strict):
         return self
 
 
+class HEConfig(Strict):
+    """The homomorphic backend's scheme and security (``secure_aggregation.backend: he``; ``raysim.privacy.he``).
+
+    ``bfv`` encrypts masking's quantized integers, so its sum is exact; ``ckks`` encrypts the clipped floats
+    and its sum carries CKKS's approximation error. ``poly_modulus_degree`` null chooses 8192 or 16384 from
+    the update size and ``security_bits`` (HE Standard levels; at least 128).
+    """
+
+    scheme: Literal["bfv", "ckks"] = "bfv"
+    security_bits: int = Field(128, description="128, 192 or 256 bits (HE Standard); lower is refused")
+    poly_modulus_degree: Literal[8192, 16384] | None = None
+    scale_bits: int = Field(40, ge=20, le=58, description="CKKS's scale 2^s")
+    max_ciphertexts: int = Field(512, ge=1, description="refuse updates that pack into more ciphertexts than this")
+
+
 class SecureAggregationConfig(Strict):
     """Bonawitz et al.'s secure aggregation (SecAgg+ when ``neighbours`` is set) between client and server actors.
+
+    ``backend: he`` sums TenSEAL ciphertexts instead of masked vectors (``he``); its threshold is the fewest
+    contributions the decryptor will decrypt a sum of.
 
     ``threshold`` is a count, a fraction of the round's clients, or null to derive it (with the
     SecAgg+ degree when ``neighbours: auto``) from ``expected_dropout`` and ``corrupt_fraction``.
     ``quant_bits`` null takes the most bits the overflow guard n·2^q < 2^b allows.
     """
 
+    backend: Literal["masking", "he"] = "masking"
+    he: HEConfig | None = None
     threshold: int | float | None = None
     neighbours: int | Literal["auto"] | None = None
     expected_dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -258,6 +278,19 @@ class SecureAggregationConfig(Strict):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"secure_aggregation.dropout.{phase}: a probability in [0, 1] (got {p})")
         return value
+
+    @model_validator(mode="after")
+    def _backend(self) -> SecureAggregationConfig:
+        if self.backend == "masking":
+            if self.he is not None:
+                raise ValueError("secure_aggregation.he: only read with backend: he; set backend: he or remove the he block")
+            return self
+        if self.he is None:
+            object.__setattr__(self, "he", HEConfig())  # frozen: the defaults, once
+        if self.he.security_bits < 128:
+            raise ValueError(f"secure_aggregation.he.security_bits: {self.he.security_bits} bits is below the 128-bit "
+                             "minimum; use 128, 192 or 256")
+        return self
 
     @field_validator("threshold")
     @classmethod

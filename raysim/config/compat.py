@@ -72,6 +72,13 @@ def _compression(s: Scenario, *kinds: str) -> bool:
     return kind in kinds if kinds else kind != "none"
 
 
+def _he(s: Scenario) -> bool:
+    return s.secure_aggregation is not None and s.secure_aggregation.backend == "he"
+
+
+HE_PHASES = ("masked_input", "unmasking")  # the he backend's upload and decryption
+
+
 def _text(s: Scenario) -> bool:
     return s.data.source in TEXT_SOURCES
 
@@ -138,6 +145,26 @@ ROWS: tuple[Exclusion, ...] = (
               "use asynchronous.mode: fedbuff, whose buffer of K updates is the sum (once built), or remove it",
               lambda s: _async_mode(s, "fedasync") and s.secure_aggregation is not None,
               {**_FEDASYNC, "secure_aggregation": {}}),
+    Exclusion(("the he backend", "the SecAgg+ graph"), "nature", "secure_aggregation.neighbours",
+              "the he backend has no pairwise masks, so no graph to thin", "set neighbours: null",
+              lambda s: _he(s) and s.secure_aggregation.neighbours is not None,
+              {"secure_aggregation": {"backend": "he", "neighbours": 4}}),
+    Exclusion(("the he backend", "the consistency check"), "nature", "secure_aggregation.consistency_check",
+              "the he backend has no unmasking of pairwise masks for a malicious server to split, and its trust rests "
+              "on the key authority and the clients holding the secret key (README)", "set consistency_check: false",
+              lambda s: _he(s) and s.secure_aggregation.consistency_check,
+              {"secure_aggregation": {"backend": "he", "consistency_check": True}}),
+    Exclusion(("the he backend", "dropouts in masking's key-setup phases"), "nature", "secure_aggregation.dropout",
+              "the he backend has no key-setup phases: only masked_input (the upload of ciphertexts) and unmasking "
+              "(decryption)", "drop clients in masked_input or unmasking",
+              lambda s: _he(s) and any(p not in HE_PHASES for p in (*s.secure_aggregation.dropout,
+                                                                     *s.secure_aggregation.schedule)),
+              {"secure_aggregation": {"backend": "he", "dropout": {"share_keys": 0.1}}}),
+    Exclusion(("CKKS", "distributed DP"), "not_built", "secure_aggregation.he.scheme",
+              "distributed DP adds discrete noise, which needs an exact integer sum (masking's or BFV's), "
+              "and continuous noise inside a CKKS sum is not built", "use he.scheme: bfv",
+              lambda s: _he(s) and s.secure_aggregation.he.scheme == "ckks" and _dp(s, "distributed"),
+              {"secure_aggregation": {"backend": "he", "he": {"scheme": "ckks"}}, "privacy.mechanism": "distributed"}),
     Exclusion(("the shared random mask", "FedBuff under secure aggregation"), "not_built", "compression.kind",
               "a secure FedBuff buffer mixes clients of several model versions, whose shared masks differ",
               "remove compression",

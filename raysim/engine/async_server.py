@@ -27,7 +27,7 @@ import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -54,6 +54,9 @@ from raysim.strategies import Aggregate
 from raysim.strategies.fedasync import fedasync_update
 from raysim.strategies.fedbuff import fedbuff_pseudo_gradient, fedbuff_robust
 from raysim.strategies.staleness import StalenessFunction
+
+if TYPE_CHECKING:
+    from raysim.privacy.he.params import HEParams
 
 _REJECTED_STEPS = 10  # steps in a row whose every update was NaN/Inf before the run is called diverged
 STALENESS_BINS = (0, 1, 2, 4, 8, 16, 32)  # histogram bins [0], [1], [2, 3], [4, 7], ..., [32, ∞)
@@ -153,9 +156,9 @@ class AsyncServer(CoreServer):
     def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
                  feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
                  max_client_weight: float = 1.0, *, system: ClientSystem, dp_total_weight: float = 1.0,
-                 prepared: Prepared | None = None) -> None:
+                 prepared: Prepared | None = None, he: tuple[HEParams, bytes] | None = None) -> None:
         self.core = ServerCore(scenario, workers, x_test, y_test, feature_shape, num_classes, state_dir, dp_total_weight,
-                               prepared)
+                               prepared, he)
         self.scenario = scenario
         run = scenario.asynchronous
         self.mode, self.alpha = run.mode, run.alpha
@@ -233,7 +236,7 @@ class AsyncServer(CoreServer):
 
     def run_round(self, round_index: int) -> dict[str, Any]:
         """Run one server step; returns its metrics."""
-        core, start = self.core, time.perf_counter()
+        core, start, cpu = self.core, time.perf_counter(), time.process_time()
         if self.current is None:
             self._publish(0, self.schedule.resolve(0))
         failures_before = core.failures.count
@@ -264,6 +267,7 @@ class AsyncServer(CoreServer):
             metrics.update(core.evaluate(round_index))
         seconds = time.perf_counter() - start
         metrics["seconds"] = seconds
+        metrics["server_cpu_seconds"] = time.process_time() - cpu  # the server actor's process, Ray's threads included
         metrics["clients_per_second"] = metrics["clients"] / seconds if seconds > 0 else 0.0
         return metrics
 
@@ -345,7 +349,8 @@ class AsyncServer(CoreServer):
             return plan
         if step not in self.sessions:
             params = round_params(config, self.scenario.asynchronous.buffer_size)
-            self.sessions[step] = SecureRound(config, params, secrets.token_bytes(16), self.weight_bound, round_index=step)
+            self.sessions[step] = SecureRound(config, params, secrets.token_bytes(16), self.weight_bound, round_index=step,
+                                              he=self.core.he_params)
         secure = self.sessions[step]
         return dataclasses.replace(plan, secure=secure, noise_variance=self._noise_variance(secure),
                                    update_scale=float(self.staleness_fn(step - 1 - version)))
@@ -376,7 +381,8 @@ class AsyncServer(CoreServer):
         released_sum = SecureSum(None, 0.0, None, (), {})
         if owner:
             try:
-                released_sum = secure_sum(core.workers, owner, session, core.dim, self.scenario.seed, plan.step)
+                released_sum = secure_sum(core.workers, owner, session, core.dim, self.scenario.seed, plan.step,
+                                          core.he_public)
             except WORKER_LOST as err:
                 core.failures.lost(lost_position(err, core.workers), err)
                 core.failures.wait_up(core.workers)

@@ -10,7 +10,7 @@ steps the model through the strategy.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from raysim.models.zoo import build_model
 from raysim.privacy.secagg.sealed_state import sealed_width
 from raysim.strategies import Aggregate, ControlUpdate, make_strategy
 
+if TYPE_CHECKING:
+    from raysim.privacy.he.params import HEParams
+
 
 def initial_model(scenario: Scenario, feature_shape: tuple[int, ...], num_classes: int) -> tuple[torch.nn.Module, FlatParams]:
     """The seeded initial model and its flat parameter view."""
@@ -42,10 +45,20 @@ def initial_global(scenario: Scenario, feature_shape: tuple[int, ...], num_class
     return initial_model(scenario, feature_shape, num_classes)[1].numpy()
 
 
+def _public_context(blob: bytes) -> Any:
+    """The he backend's public context; refuses one that holds the secret key (the server may never)."""
+    from raysim.privacy.he.keys import load_context  # TenSEAL loads only in runs that use it
+    context = load_context(blob)
+    if context.is_private():
+        raise ValueError("the server actor was handed a context with the secret key")
+    return context
+
+
 class ServerCore:
     def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
                  feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
-                 dp_total_weight: float = 1.0, prepared: Prepared | None = None) -> None:
+                 dp_total_weight: float = 1.0, prepared: Prepared | None = None,
+                 he: tuple[HEParams, bytes] | None = None) -> None:
         torch.set_num_threads(1)
         self.scenario, self.workers = scenario, workers
         model, flat = initial_model(scenario, feature_shape, num_classes)  # built once, kept for evaluation
@@ -64,6 +77,8 @@ class ServerCore:
         if scenario.privacy is not None:
             self._privacy(dp_total_weight)
         self.run_dir = None if state_dir is None else Path(state_dir).parent
+        # backend: he: the encryption parameters and the public context, which adds but cannot decrypt
+        self.he_params, self.he_public = (None, None) if he is None else (he[0], _public_context(he[1]))
         self.failures = WorkerFailures(scenario.executor.max_worker_failures, prepared)  # re-prepares restarted workers
         self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "worker_failures_total": 0,
                        "client_errors_total": 0, "rejected_total": 0}

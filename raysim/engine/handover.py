@@ -21,8 +21,8 @@ from raysim.privacy.secagg.crypto import keystream_block
 class WorkerSetup:
     """What a worker needs for one run (``ClientWorker.prepare``).
 
-    The clients' storage key travels sealed under the pool's secret, which only the workers hold: the
-    server actor relays this payload to restarted workers but cannot read the key.
+    The clients' storage key and the he backend's secret context travel sealed under the pool's secret,
+    which only the workers hold: the server actor relays this payload to restarted workers but cannot read them.
     """
 
     token: str  # the run's identity: a worker prepared with it already holds this run's state
@@ -31,6 +31,7 @@ class WorkerSetup:
     feature_shape: tuple[int, ...]
     num_classes: int
     sealed_client_key: bytes | None = None
+    sealed_he_key: bytes | None = None  # backend: he: the secret context the clients hold (``privacy.he.keys``)
 
 
 def seal_for_workers(secret: bytes, key: bytes) -> bytes:

@@ -137,15 +137,19 @@ class WorkerPool:
         self.workers = [actor.remote(k, executor.num_gpus, self.secret) for k in range(num_workers)]
 
     def prepare(self, scenario: Scenario, data_refs: Sequence[ray.ObjectRef], feature_shape: tuple[int, ...],
-                num_classes: int, client_key: bytes | None = None) -> tuple[Prepared, list[ray.ObjectRef]]:
+                num_classes: int, client_key: bytes | None = None,
+                he_secret: bytes | None = None) -> tuple[Prepared, list[ray.ObjectRef]]:
         """Hand every worker the run; returns it and the calls to wait for, once, with whatever else starts
         (the first wait also covers the workers' start-up).
 
         ``client_key`` is the simulated clients' storage key (``privacy.secagg.sealed_state``): it travels sealed
-        under the pool's secret, so only the workers can read it, never the server actor.
+        under the pool's secret, so only the workers can read it, never the server actor; so does ``he_secret``,
+        the he backend's secret context.
         """
         sealed = None if client_key is None else seal_for_workers(self.secret, client_key)
-        setup = WorkerSetup(uuid.uuid4().hex, scenario, tuple(data_refs), tuple(feature_shape), int(num_classes), sealed)
+        sealed_he = None if he_secret is None else seal_for_workers(self.secret, he_secret)
+        setup = WorkerSetup(uuid.uuid4().hex, scenario, tuple(data_refs), tuple(feature_shape), int(num_classes), sealed,
+                            sealed_he)
         prepared = Prepared(setup.token, [ray.put(setup)])
         return prepared, [prepared.call(worker) for worker in self.workers]
 
@@ -172,10 +176,11 @@ def shape_of(executor: ExecutorConfig, num_workers: int) -> tuple[float, float, 
 
 def create_workers(scenario: Scenario, num_workers: int, data_refs: Sequence[ray.ObjectRef], feature_shape: tuple[int, ...],
                    num_classes: int, worker_class: type | None = None,
-                   client_key: bytes | None = None) -> tuple[list[ray.actor.ActorHandle], Prepared]:
+                   client_key: bytes | None = None,
+                   he_secret: bytes | None = None) -> tuple[list[ray.actor.ActorHandle], Prepared]:
     """A fresh pool of ``num_workers`` workers prepared for ``scenario``: its actors and the run they hold."""
     pool = WorkerPool(scenario.executor, num_workers, worker_class)
-    prepared, calls = pool.prepare(scenario, data_refs, feature_shape, num_classes, client_key)
+    prepared, calls = pool.prepare(scenario, data_refs, feature_shape, num_classes, client_key, he_secret)
     ray.get(calls)
     return pool.workers, prepared
 

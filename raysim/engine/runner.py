@@ -30,7 +30,7 @@ from raysim.data.load import load_data, partition_data
 from raysim.data.partition import summarize
 from raysim.engine import checkpoint
 from raysim.engine.cluster import plan_workers
-from raysim.engine.secure import quantization_error
+from raysim.engine.secure import decoding_error, quantization_error
 from raysim.engine.session import Session, current
 from raysim.engine.startup import Background, StartupProfile
 from raysim.engine.system_model import client_system
@@ -123,9 +123,9 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
             session.end_run(clean)
 
 
-def _load(scenario: Scenario) -> tuple[Any, Any, Any]:
+def _load(scenario: Scenario) -> tuple[Any, Any, Any, "RunKeys | None"]:
     """What needs no Ray: the actors' modules (torch), the checks, the data, its partition and the clients'
-    systems (run beside ``ray.init``)."""
+    systems, and the he backend's keys (run beside ``ray.init``)."""
     import raysim.engine.server_host  # noqa: F401  the actors' classes
     import raysim.engine.worker  # noqa: F401
 
@@ -135,7 +135,40 @@ def _load(scenario: Scenario) -> tuple[Any, Any, Any]:
     system = client_system(scenario, part.sizes())  # a malformed trace fails here, before any actor starts
     if scenario.adversary is not None:
         check_labels(scenario.adversary, dataset.num_classes, dataset.feature_shape)
-    return dataset, part, system
+    return dataset, part, system, _key_authority(scenario, dataset.feature_shape, dataset.num_classes)
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """The he backend's run: its parameters, the words per update, and the key pair (``privacy.he.keys``)."""
+
+    params: Any
+    words: int
+    keys: Any
+
+    def report(self) -> dict[str, Any]:
+        """What the run prints and ``summary.json`` records: the parameters, never a key."""
+        p = self.params
+        return {"scheme": p.scheme, "poly_modulus_degree": p.poly_modulus_degree,
+                "coeff_mod_bit_sizes": list(p.coeff_mod_bit_sizes), "security_bits": p.security_bits,
+                "plain_modulus": p.plain_modulus, "scale_bits": p.scale_bits, "words_per_update": self.words,
+                "ciphertexts_per_update": p.ciphertexts(self.words), "public_context_bytes": len(self.keys.public),
+                "secret_context_bytes": len(self.keys.secret)}
+
+
+def _key_authority(scenario: Scenario, feature_shape: tuple[int, ...], num_classes: int) -> RunKeys | None:
+    """backend: he: this process is the key authority. It chooses the parameters from the model's size and the
+    largest cohort, and makes the run's key pair: the secret context goes to the workers only, sealed, and
+    the public one to the server actor."""
+    config = scenario.secure_aggregation
+    if config is None or config.backend != "he":
+        return None
+    from raysim.engine.core import initial_global
+    from raysim.privacy.he.keys import generate_keys
+    from raysim.privacy.he.setup import run_params
+
+    params, words = run_params(scenario, int(initial_global(scenario, feature_shape, num_classes).size))
+    return RunKeys(params, words, generate_keys(params))
 
 
 def _execute(scenario: Scenario, session: Session, resume: Path | None, profile: StartupProfile) -> Result:
@@ -155,7 +188,7 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
             loading.result()  # the data's error first, as when nothing overlapped
             raise
         pool, host = session.pool(scenario.executor, num_workers), session.server_host()
-    dataset, part, system = loading.result()
+    dataset, part, system, he = loading.result()
     if resume is None:
         folder = RunFolder.create(scenario)
         folder.write_config(scenario)
@@ -169,8 +202,11 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
         test_refs = [ray.put(dataset.x_test), ray.put(dataset.y_test)]
     with profile.span("actors ready: start-up, warm-up and the run handed over"):
         prepared, calls = pool.prepare(scenario, data_refs, dataset.feature_shape, dataset.num_classes,
-                                       client_key=_client_storage_key(scenario, folder.path))
+                                       client_key=_client_storage_key(scenario, folder.path),
+                                       he_secret=None if he is None else he.keys.secret)
         extra = {} if scenario.privacy is None else {"dp_total_weight": dp_total_weight(scenario, part.sizes())}
+        if he is not None:
+            extra["he"] = (he.params, he.keys.public)
         calls.append(host.start.remote(
             scenario.asynchronous is not None, scenario, pool.workers, *test_refs, dataset.feature_shape,
             dataset.num_classes, str(folder.path / checkpoint.STORE_DIR), float(max(part.sizes().max(), 1)),
@@ -187,6 +223,8 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
             ray.get(host.restore_checkpoint.remote(str(saved.path), saved.rounds_done))
             first = saved.rounds_done
             print(f"raysim: resuming {folder.path} after round {first}", file=sys.stderr)
+        if he is not None:
+            print(f"raysim: homomorphic aggregation: {he.params.describe(he.words)}", file=sys.stderr)
         if scenario.training.vectorize is not False:  # the run says once which it chose, and why
             on, why = vectorize_choice(scenario)
             print(f"raysim: vectorized training {'on' if on else 'off'} ({why})", file=sys.stderr)
@@ -205,6 +243,8 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
             summary["resumed_after_round"] = saved.rounds_done
         if privacy is not None:
             summary["privacy"] = privacy
+        if he is not None:
+            summary["he"] = he.report()
         if scenario.training.vectorize is not False:
             summary["vectorize"] = dict(zip(("on", "why"), vectorize_choice(scenario)))
         folder.write_json("summary.json", summary)
@@ -231,6 +271,8 @@ def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, hist
                 if diagnostics:  # the plain sums go to this process, never to the server actor
                     release = ray.get(server.secure_release.remote())
                     if release is not None:
+                        if release.encoded_sum is not None:  # he: before the plain sums, which forget the updates
+                            metrics["he_decoding_error"] = decoding_error(workers, release)
                         metrics["secagg_quantization_error"] = quantization_error(workers, release)
                 if "stopped" in metrics:
                     print(f"raysim: stopping after round {round_index}: {metrics['stopped']}", file=sys.stderr)

@@ -8,7 +8,7 @@ protocol logic itself is ``raysim.privacy.secagg.drive_round``, the same code th
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,20 @@ class RemoteParticipants:
     def unmask(self, inbound: Mapping[int, Any]) -> PhaseOutput:
         return self._call("unmask", inbound)
 
+    def upload(self, client_ids: Collection[int]) -> Iterator[PhaseOutput]:
+        """The he backend's upload: each worker's encrypted updates, yielded as its reply arrives."""
+        grouped: dict[int, list[int]] = defaultdict(list)
+        for u in sorted(client_ids):
+            grouped[self.owner[u]].append(u)
+        pending = [self.workers[w].secure_phase.remote("masked_input", ids, self.session_id)
+                   for w, ids in sorted(grouped.items())]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield from ray.get(done[0])
+
+    def decrypt(self, inbound: Mapping[int, Any]) -> PhaseOutput:
+        return self._call("unmasking", inbound)
+
 
 @dataclass
 class SecureSum:
@@ -67,18 +81,22 @@ class SecureSum:
     control_sum: np.ndarray | None
     survivors: tuple[int, ...]
     metrics: dict[str, float]
+    encoded_sum: np.ndarray | None = None  # he: the decrypted sum before decoding (for he_decoding_error)
 
 
 def secure_sum(
     workers: Sequence[ray.actor.ActorHandle], owner: Mapping[int, int], secure: SecureRound,
-    dim: int, seed: int, round_index: int,
+    dim: int, seed: int, round_index: int, he_public: Any = None,
 ) -> SecureSum:
     """Run the protocol over the clients in ``owner`` and decode Σ w·Δ, Σ w (and Σ Δc).
 
     The server actor that calls this receives the protocol's messages and the unmasked sum, nothing
     else: no plaintext update or partial sum, not even for a metric (see ``quantization_error``).
+    With ``backend: he`` the protocol is upload, add, decrypt, and ``he_public`` is the server's public context.
     """
     draws = np.random.default_rng([seed, round_index, 11]).integers(2**63, size=2)
+    if secure.he is not None:
+        return _he_sum(workers, owner, secure, dim, int(draws[0]), he_public)
     result = drive_round(
         RemoteParticipants(workers, owner, secure.session_id), list(owner), secure.params, dropout_model(secure.config),
         int(draws[0]), session_id=secure.session_id, round_index=round_index, graph_seed=int(draws[1]),
@@ -92,6 +110,27 @@ def secure_sum(
     return SecureSum(weighted, weight, control, result.survivors, metrics)
 
 
+def _he_sum(workers: Sequence[ray.actor.ActorHandle], owner: Mapping[int, int], secure: SecureRound, dim: int,
+            seed: int, public: Any) -> SecureSum:
+    """The he backend's round (``raysim.privacy.he.protocol``) and the decoding of its decrypted sum."""
+    from raysim.privacy.he.encoding import decode_floats, ring_of_sum
+    from raysim.privacy.he.protocol import drive_he_round
+
+    participants = RemoteParticipants(workers, owner, secure.session_id)
+    result = drive_he_round(participants, list(owner), secure.he, public, secure.params.threshold,
+                            dropout_model(secure.config), seed)
+    ray.get([worker.end_secure_round.remote(secure.session_id) for worker in workers])
+    metrics = result.metrics()
+    if result.aggregate is None:
+        return SecureSum(None, 0.0, None, (), metrics)
+    if secure.he.scheme == "ckks":
+        weighted, weight, control = decode_floats(result.aggregate, dim, secure.weight_bound, secure.config)
+    else:
+        weighted, weight, control = decode_sum(ring_of_sum(result.aggregate, secure.params), len(result.survivors),
+                                               dim, secure.weight_bound, secure.config, secure.params)
+    return SecureSum(weighted, weight, control, result.survivors, metrics, encoded_sum=result.aggregate)
+
+
 @dataclass(frozen=True)
 class SecureRelease:
     """What a secure round released (Σ w·Δ over the survivors) and which worker trained each survivor:
@@ -99,6 +138,7 @@ class SecureRelease:
 
     weighted_sum: np.ndarray
     survivors_by_worker: dict[int, list[int]]
+    encoded_sum: np.ndarray | None = None  # he: the decrypted sum before decoding
 
 
 def release_of(result: SecureSum, owner: Mapping[int, int]) -> SecureRelease | None:
@@ -108,7 +148,20 @@ def release_of(result: SecureSum, owner: Mapping[int, int]) -> SecureRelease | N
     by_worker: dict[int, list[int]] = defaultdict(list)
     for u in result.survivors:
         by_worker[owner[u]].append(u)
-    return SecureRelease(result.weighted_sum, dict(by_worker))
+    return SecureRelease(result.weighted_sum, dict(by_worker), result.encoded_sum)
+
+
+def decoding_error(workers: Sequence[ray.actor.ActorHandle], release: SecureRelease) -> float | None:
+    """he_decoding_error: max |decrypted − Σ encoded| over the words, in the encoded units (0 for BFV, whose
+    sum is exact; CKKS's approximation error), computed by the driver like ``quantization_error``, from the
+    workers' encoded inputs, which the server actor never sees. Ask before ``quantization_error``."""
+    parts = ray.get([workers[w].secure_encoded_sum.remote(ids) for w, ids in sorted(release.survivors_by_worker.items())])
+    if release.encoded_sum is None or not parts or any(part is None for part in parts):
+        return None
+    exact = sum(parts[1:], parts[0])
+    if exact.dtype == object:  # BFV: exact integers against the decrypted ones
+        return float(max(abs(int(a) - int(b)) for a, b in zip(release.encoded_sum.tolist(), exact.tolist())))
+    return float(np.max(np.abs(release.encoded_sum - exact)))
 
 
 def quantization_error(workers: Sequence[ray.actor.ActorHandle], release: SecureRelease) -> float | None:

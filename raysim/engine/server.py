@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -34,6 +34,9 @@ from raysim.errors import ScenarioError
 from raysim.privacy.dp.distributed import per_client_variance, target_variance
 from raysim.privacy.secagg.setup import SecureRound, round_params
 
+if TYPE_CHECKING:
+    from raysim.privacy.he.params import HEParams
+
 
 def local_epochs(scenario: Scenario, sampled: np.ndarray, round_index: int) -> np.ndarray:
     """Local epochs per sampled client: E, except for a seeded ``straggler_fraction`` of them, who run
@@ -54,9 +57,9 @@ class RoundServer(CoreServer):
     def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
                  feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
                  max_client_weight: float = 1.0, system: ClientSystem | None = None, dp_total_weight: float = 1.0,
-                 prepared: Prepared | None = None) -> None:
+                 prepared: Prepared | None = None, he: tuple[HEParams, bytes] | None = None) -> None:
         self.core = ServerCore(scenario, workers, x_test, y_test, feature_shape, num_classes, state_dir, dp_total_weight,
-                               prepared)
+                               prepared, he)
         self.scenario = scenario
         uncapped = scenario.strategy.client_weighting == "samples" and self.core.central_dp is None
         self.weight_bound = max_client_weight if uncapped else 1.0  # DP-FedAvg weights are min(n/cap, 1) ≤ 1
@@ -72,7 +75,7 @@ class RoundServer(CoreServer):
 
     def run_round(self, round_index: int) -> dict[str, Any]:
         """Train one round; returns the round's metrics."""
-        scenario, core, start = self.scenario, self.core, time.perf_counter()
+        scenario, core, start, cpu = self.scenario, self.core, time.perf_counter(), time.process_time()
         sampled = sample_clients(scenario.sampling, scenario.num_clients, scenario.seed, round_index) \
             if self.clock is None else self.clock.sample(round_index)  # ⌈K·over_selection⌉ clients
         metrics: dict[str, Any] = {"round": round_index + 1, "clients": int(len(sampled))}
@@ -97,6 +100,7 @@ class RoundServer(CoreServer):
             metrics.update(core.evaluate(round_index))
         seconds = time.perf_counter() - start
         metrics["seconds"] = seconds
+        metrics["server_cpu_seconds"] = time.process_time() - cpu  # the server actor's process, Ray's threads included
         metrics["clients_per_second"] = metrics["clients"] / seconds if seconds > 0 else 0.0
         return metrics
 
@@ -160,7 +164,8 @@ class RoundServer(CoreServer):
         config, privacy, dp, scenario = self.scenario.secure_aggregation, self.scenario.privacy, self.core.central_dp, self.scenario
         secure = None
         if config is not None:
-            secure = SecureRound(config, round_params(config, cohort), secrets.token_bytes(16), self.weight_bound)
+            secure = SecureRound(config, round_params(config, cohort), secrets.token_bytes(16), self.weight_bound,
+                                 he=self.core.he_params)
         common = {"per_client": scenario.aggregation.rule != "mean", "mask_seed": shared_mask_seed(scenario, round_index)}
         if dp is None:
             return RoundPlan(secure=secure, **common)
@@ -179,7 +184,8 @@ class RoundServer(CoreServer):
         owner = {int(u): placement[c.index] for c in chunks for u, w in zip(c.client_ids, c.weights) if w > 0}
         compression = self.core.pipeline.find(Compression)
         dim = self.core.dim if plan.mask_seed is None else compression.mask(self.core.dim, plan.mask_seed).size
-        result = secure_sum(self.core.workers, owner, plan.secure, dim, self.scenario.seed, round_index)
+        result = secure_sum(self.core.workers, owner, plan.secure, dim, self.scenario.seed, round_index,
+                            self.core.he_public)
         if plan.secure.config.diagnostics:
             self.release = release_of(result, owner)
         return result

@@ -2,7 +2,8 @@
 
 ``raysim.config`` checks everything a scenario says on its own; what it cannot check without
 importing the rest of raysim is checked here: that secure aggregation's round parameters exist for the
-cohort (``raysim.privacy.secagg.setup.round_params``) and that a language model and its adapters build
+cohort (``raysim.privacy.secagg.setup.round_params``), that the he backend's encryption parameters are secure
+and hold the sum (``raysim.privacy.he.params.choose_params``), and that a language model and its adapters build
 (``raysim.models.hf.check_model``, on the meta device, without weights). ``raysim validate``,
 ``raysim run``, ``raysim resume``, ``raysim sweep``, ``raysim.run`` and the runner itself all pass
 through ``validate``; the fuzz harness reaches it through the command line.
@@ -24,6 +25,11 @@ def validate(scenario: Scenario) -> Scenario:
             from raysim.privacy.secagg.setup import round_params  # lazy: crypto, only for secure scenarios
 
             round_params(scenario.secure_aggregation, scenario.sampling.clients_per_round)
+        if scenario.secure_aggregation is not None and scenario.secure_aggregation.backend == "he":
+            from raysim.privacy.he.params import choose_params  # the run checks the packing again with the model's size
+            from raysim.privacy.he.setup import largest_cohort
+
+            choose_params(scenario.secure_aggregation, largest_cohort(scenario), 1)
         if scenario.model.is_language_model:
             from raysim.models.hf import check_model  # lazy: torch and transformers, only for language models
 

@@ -82,10 +82,11 @@ class ClientWorker:
     @classmethod
     def local(cls, scenario: Scenario, x_train: np.ndarray, y_train: np.ndarray, part_indices: np.ndarray,
               part_offsets: np.ndarray, feature_shape: tuple[int, ...], num_classes: int,
-              client_key: bytes | None = None) -> ClientWorker:
+              client_key: bytes | None = None, he_secret: bytes | None = None) -> ClientWorker:
         """A worker prepared in this process from plain arrays (tests and single-process baselines)."""
         worker = cls(num_gpus=scenario.executor.num_gpus)
-        worker.setup(scenario, (x_train, y_train, part_indices, part_offsets), feature_shape, num_classes, client_key)
+        worker.setup(scenario, (x_train, y_train, part_indices, part_offsets), feature_shape, num_classes, client_key,
+                     he_secret)
         return worker
 
     def prepare(self, token: str, setup: list[ray.ObjectRef]) -> int:
@@ -94,13 +95,16 @@ class ClientWorker:
         if self.token != token:
             payload: WorkerSetup = ray.get(setup[0])
             key = None if payload.sealed_client_key is None else open_sealed(self.pool_secret, payload.sealed_client_key)
-            self.setup(payload.scenario, tuple(ray.get(list(payload.data))), payload.feature_shape, payload.num_classes, key)
+            he_secret = None if payload.sealed_he_key is None else open_sealed(self.pool_secret, payload.sealed_he_key)
+            self.setup(payload.scenario, tuple(ray.get(list(payload.data))), payload.feature_shape, payload.num_classes, key,
+                       he_secret)
             self.token = token
         return self.position
 
     def setup(self, scenario: Scenario, data: tuple[np.ndarray, ...], feature_shape: tuple[int, ...],
-              num_classes: int, client_key: bytes | None = None) -> None:
-        """Build the run's state from ``scenario`` (the model, optimizer, pipeline, data views)."""
+              num_classes: int, client_key: bytes | None = None, he_secret: bytes | None = None) -> None:
+        """Build the run's state from ``scenario`` (the model, optimizer, pipeline, data views); ``he_secret`` is
+        the he backend's secret context, which the workers' clients hold."""
         self.release()
         self.scenario = scenario
         self.chaos = WorkerChaos(scenario.faults, self.position)
@@ -111,7 +115,7 @@ class ClientWorker:
         self.pipeline = build_pipeline(
             scenario, num_classes, runtime=self.runtime, strategy=make_client_half(scenario.strategy, scenario.training.lr),
             sealer=None if client_key is None else RowSealer(client_key),  # secure rounds' client state
-            feature_shape=tuple(feature_shape))
+            feature_shape=tuple(feature_shape), he_secret=he_secret)
         self.vectorized = isinstance(self.pipeline.stages[0], VectorizedTraining)
         self.encoding: Encoding = self.pipeline.find(Encoding)
         self.x, self.y, self.indices, self.offsets = data
@@ -197,6 +201,11 @@ class ClientWorker:
         the driver, never by the server actor, and never part of the protocol; None when this worker no
         longer holds them (it was restarted). Forgets the plain updates."""
         return None if "encoding" not in self.__dict__ else self.encoding.plain_sum(client_ids, dim)
+
+    def secure_encoded_sum(self, client_ids: list[int]) -> np.ndarray | None:
+        """The exact sum of what ``client_ids`` encrypted, for the driver's he_decoding_error (diagnostics only,
+        never the server actor's); None when this worker no longer holds them."""
+        return None if "encoding" not in self.__dict__ else self.encoding.encoded_sum(client_ids)
 
     def evaluate(self, global_vec: np.ndarray, index: int, client_ids: np.ndarray) -> EvalResult:
         """Federated evaluation: the global model on each client's held-out samples."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from raysim.privacy.secagg.dropout import DropoutModel
 from raysim.privacy.secagg.params import SecAggParams
 from raysim.privacy.dp.distributed import add_discrete_noise, quantized_sensitivity
 from raysim.privacy.secagg.quantize import dequantize, quantize
+
+if TYPE_CHECKING:
+    from raysim.privacy.he.params import HEParams
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class SecureRound:
     session_id: bytes
     weight_bound: float
     round_index: int | None = None  # the session's round (a FedBuff step); None: the chunk's round
+    he: HEParams | None = None  # backend: he's encryption parameters; None: pairwise masking
 
 
 def round_params(config: SecureAggregationConfig, num_clients: int) -> SecAggParams:
