@@ -10,9 +10,10 @@ masking recover pairwise masks, and that HE simply skips). Backends:
 * ``masking-secagg+``: the SecAgg+ graph with k and t derived from the dropout (``neighbours: auto``);
 * ``he-bfv``: TenSEAL BFV over the same quantized words, t = 0.5n (the decryptor's floor).
 
-Per cell it reports the wall seconds of the last round (the first round pays the run's warm-up), the
-secure protocol's seconds within it, bytes per client up and down (mean over the cohort) and the server
-actor's CPU seconds in that round. The accuracy part then trains a longer run per backend (and plain
+Per cell it reports the wall seconds of the last round (the first round pays the run's warm-up), what
+that is above the same round without secure aggregation (``plain``, run once per (n, m): the protocol's
+own cost, training being the same), bytes per client up and down (mean over the cohort, the protocol's
+messages only) and the server actor's CPU seconds in that round. The accuracy part then trains a longer run per backend (and plain
 FedAvg, and CKKS) at one (n, m) and compares final accuracy. It writes ``<out>/he_vs_masking.md`` (a
 hand-written reading below the marker line is kept), ``<out>/he_vs_masking.json`` and
 ``<out>/he_vs_masking.png`` (seconds and bytes per round against n). The last line printed is
@@ -30,7 +31,8 @@ from typing import Any
 
 from studylib import command_line, local_ray, provenance, pyplot, run_once, study_parser, write_report
 
-BACKENDS: dict[str, dict[str, Any]] = {
+BACKENDS: dict[str, dict[str, Any] | None] = {
+    "plain": None,
     "masking": {"backend": "masking", "neighbours": None, "threshold": 0.5},
     "masking-secagg+": {"backend": "masking", "neighbours": "auto"},
     "he-bfv": {"backend": "he", "he": {"scheme": "bfv"}, "threshold": 0.5},
@@ -47,8 +49,8 @@ def scenario(clients: int, words: int, dropout: float, rounds: int, secure: dict
     population = max(4 * clients, 200)
     raw: dict[str, Any] = {
         "name": "study-he", "seed": 0, "num_clients": population, "rounds": rounds,
-        "data": {"source": "synthetic", "num_samples": population * 40, "num_features": FEATURES, "num_classes": CLASSES},
-        "partition": {"kind": "dirichlet", "alpha": 0.5, "min_size": 10},
+        "data": {"source": "synthetic", "num_samples": population * 80, "num_features": FEATURES, "num_classes": CLASSES},
+        "partition": {"kind": "dirichlet", "alpha": 0.5, "min_size": 5},
         "sampling": {"kind": "uniform", "clients_per_round": clients},
         "model": {"kind": "mlp", "hidden": [hidden_for(words)]},
         "training": {"epochs": 1, "batch_size": 32, "lr": 0.1},
@@ -62,29 +64,28 @@ def scenario(clients: int, words: int, dropout: float, rounds: int, secure: dict
     return raw
 
 
-def protocol_seconds(last: dict[str, Any]) -> float:
-    """The secure sum's own seconds in a round: masking's phases (server and slowest client), or HE's upload,
-    addition and decryption."""
-    if "he_add_server_seconds" in last:
-        return last["he_encrypt_client_seconds_max"] + last["he_add_server_seconds"] + last["he_decrypt_seconds"]
-    return sum(v for k, v in last.items() if k.startswith("secagg_") and (k.endswith("_server_seconds")
-                                                                          or k.endswith("_client_seconds_max")))
+def cost_cell(clients: int, words: int, dropout: float, rounds: int, backend: str) -> dict[str, Any] | None:
+    """One backend's costs in one cell; None (and why, printed) where its parameters cannot be derived."""
+    from raysim.errors import ScenarioError
 
-
-def cost_cell(clients: int, words: int, dropout: float, rounds: int, backend: str) -> dict[str, Any]:
-    result, _ = run_once(scenario(clients, words, dropout, rounds, BACKENDS[backend]))
+    try:
+        result, _ = run_once(scenario(clients, words, dropout, rounds, BACKENDS[backend]))
+    except ScenarioError as err:
+        print(f"skipped {backend} n={clients} m={words} dropout={dropout}: {err}", flush=True)
+        return None
     last = result.history[-1]
     row = {"backend": backend, "clients": clients, "words": result.summary["num_parameters"], "dropout": dropout,
-           "seconds": last["seconds"], "protocol_seconds": protocol_seconds(last),
-           "bytes_up": last["secagg_client_bytes_sent_mean"], "bytes_down": last["secagg_client_bytes_received_mean"],
-           "server_cpu_seconds": last["server_cpu_seconds"], "survivors": last["secagg_survivors"],
-           "aborted": last["secagg_aborted"]}
+           "seconds": last["seconds"], "bytes_up": last.get("secagg_client_bytes_sent_mean", 0.0),
+           "bytes_down": last.get("secagg_client_bytes_received_mean", 0.0),
+           "server_cpu_seconds": last["server_cpu_seconds"], "survivors": last.get("secagg_survivors", clients),
+           "aborted": last.get("secagg_aborted", 0)}
     print(json.dumps(row), flush=True)
     return row
 
 
 def accuracy_runs(clients: int, words: int, dropout: float, rounds: int) -> dict[str, float]:
-    runs = {"plain FedAvg": None, **BACKENDS, "he-ckks": {"backend": "he", "he": {"scheme": "ckks"}, "threshold": 0.5}}
+    runs = {"plain FedAvg": None, **{k: v for k, v in BACKENDS.items() if v is not None},
+            "he-ckks": {"backend": "he", "he": {"scheme": "ckks"}, "threshold": 0.5}}
     out = {}
     for name, secure in runs.items():
         result, _ = run_once(scenario(clients, words, dropout if secure else 0.0, rounds, secure))
@@ -94,11 +95,16 @@ def accuracy_runs(clients: int, words: int, dropout: float, rounds: int) -> dict
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| n | m | dropout | backend | s / round | protocol s | bytes up / client | bytes down / client | "
+    plain = {(r["clients"], r["words"]): r["seconds"] for r in rows if r["backend"] == "plain"}
+    lines = ["| n | m | dropout | backend | s / round | above plain (s) | bytes up / client | bytes down / client | "
              "server CPU s | survivors |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["words"], r["clients"], r["dropout"], r["backend"])):
+    order = list(BACKENDS)
+    for r in sorted((r for r in rows if r["backend"] != "plain"),
+                    key=lambda r: (r["words"], r["clients"], r["dropout"], order.index(r["backend"]))):
+        base = plain.get((r["clients"], r["words"]))
+        above = "" if base is None else f"{r['seconds'] - base:.2f}"
         lines.append(f"| {r['clients']} | {r['words']:,} | {r['dropout']:.0%} | {r['backend']} | {r['seconds']:.2f} | "
-                     f"{r['protocol_seconds']:.2f} | {r['bytes_up']:,.0f} | {r['bytes_down']:,.0f} | "
+                     f"{above} | {r['bytes_up']:,.0f} | {r['bytes_down']:,.0f} | "
                      f"{r['server_cpu_seconds']:.2f} | {r['survivors']:.0f}{' (aborted)' if r['aborted'] else ''} |")
     return "\n".join(lines)
 
@@ -106,7 +112,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def plot(rows: list[dict[str, Any]], dropout: float, path: Any) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for backend in BACKENDS:
+    for backend in (b for b in BACKENDS if b != "plain"):
         for words in sorted({r["words"] for r in rows}):
             cells = sorted((r for r in rows if r["backend"] == backend and r["words"] == words
                             and r["dropout"] == dropout), key=lambda r: r["clients"])
@@ -132,6 +138,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--accuracy-rounds", type=int, default=20)
     parser.add_argument("--accuracy-cell", type=float, nargs=3, default=[100, 10_000, 0.1], metavar=("N", "M", "DROPOUT"))
+    parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
+    parser.add_argument("--merge", action="store_true",
+                        help="add these cells to <out>/he_vs_masking.json (replacing the same cells), skip the accuracy runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "he_vs_masking.json"
@@ -139,18 +148,28 @@ def main() -> None:
         data = json.loads(saved.read_text())
     else:
         with local_ray(single_thread=True) as session:
-            rows = [cost_cell(n, m, d, args.rounds, backend) for m in args.words for n in args.clients
-                    for d in args.dropouts for backend in BACKENDS]
-            n, m, d = args.accuracy_cell
-            accuracy = accuracy_runs(int(n), int(m), d, args.accuracy_rounds)
-        data = {"rows": rows, "accuracy": accuracy, "accuracy_cell": args.accuracy_cell,
-                "accuracy_rounds": args.accuracy_rounds, "provenance": provenance(command_line(), session)}
+            cells = [cost_cell(n, m, 0.0 if backend == "plain" else d, args.rounds, backend)
+                     for m in args.words for n in args.clients for d in args.dropouts for backend in args.backends
+                     if backend != "plain" or d == args.dropouts[0]]
+            rows = [row for row in cells if row is not None]
+            if not args.merge:
+                n, m, d = args.accuracy_cell
+                accuracy = accuracy_runs(int(n), int(m), d, args.accuracy_rounds)
+        if args.merge:
+            data = json.loads(saved.read_text())
+            key = lambda r: (r["backend"], r["clients"], r["words"], r["dropout"])  # noqa: E731
+            new = {key(r) for r in rows}
+            data["rows"] = [r for r in data["rows"] if key(r) not in new] + rows
+            data["provenance"] += f"\n\nMerged in: `{command_line()}` ({provenance(command_line(), session).split('. ', 1)[1]})"
+        else:
+            data = {"rows": rows, "accuracy": accuracy, "accuracy_cell": args.accuracy_cell,
+                    "accuracy_rounds": args.accuracy_rounds, "provenance": provenance(command_line(), session)}
         saved.write_text(json.dumps(data, indent=1))
     rows, accuracy = data["rows"], data["accuracy"]
     n, m, d = data["accuracy_cell"]
     accuracy_lines = "\n".join(f"| {name} | {value:.4f} | {100 * (value - accuracy['plain FedAvg']):+.2f} |"
                                for name, value in accuracy.items())
-    body = (f"# Homomorphic encryption against pairwise masking\n\n{data['provenance']}\n\n{__doc__.split(chr(10) * 2)[1]}\n\n"
+    body = (f"# Homomorphic encryption against pairwise masking\n\n{data['provenance']}\n\n{chr(10).join(__doc__.split(chr(10) * 2)[1:3])}\n\n"
             f"![seconds and bytes per round against n](he_vs_masking.png)\n\n## Costs per round\n\n{table(rows)}\n\n"
             f"## Final accuracy after {data['accuracy_rounds']} rounds (n = {int(n)}, m ≈ {int(m):,}, "
             f"{d:.0%} dropout; plain FedAvg without dropouts)\n\n| run | accuracy | points vs plain |\n|---|---|---|\n"

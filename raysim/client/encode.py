@@ -8,7 +8,8 @@ Three encodings, chosen by the round's plan:
   * secure (``plan.secure``): each client's update is quantized into its private ring vector and joins
     this worker's ``ClientGroup`` for the masking protocol (Bonawitz et al. 2017; ``raysim.privacy.secagg``),
     or, with ``backend: he``, its ``HEClientGroup``, which encrypts the same words (BFV) or the clipped floats
-    (CKKS) under the run's public key (``raysim.privacy.he``); the server half reads the secure sum's release. Under secure aggregation the clients' state rows
+    (CKKS) under the run's public key (``raysim.privacy.he``); the server half reads the secure sum's release.
+    Under secure aggregation the clients' state rows
     (SCAFFOLD's c_i, error-feedback residuals) are kept by the server sealed (``sealed_state``): they are
     opened here before the clients train, and sealed again after.
 """
@@ -83,24 +84,16 @@ class Encoding(Stage):
         delta = update.delta.cpu().numpy() * np.float32(plan.update_scale)
         if plan.mask_seed is not None:  # the shared random mask: only its k coordinates enter the protocol
             delta = delta[shared_mask_indices(delta.size, self.scenario.compression.fraction, plan.mask_seed)]
-        if secure.he is not None and secure.he.scheme == "ckks":
-            from raysim.privacy.he.encoding import encode_floats
-            values = encode_floats(delta, update.weight, secure.weight_bound, update.state_delta, secure.config,
-                                   dp_clip_norm=plan.clip_norm)
-            self.groups[secure.session_id].add(cid, values)
-            if secure.config.diagnostics:
-                self.plain[cid] = (delta, update.weight, values)
-            return
-        ring = encode_update(delta, update.weight, secure.weight_bound, update.state_delta, secure.config,
-                             secure.params, client_rng(self.scenario.seed, round_index, cid, stream=9),
-                             dp_clip_norm=plan.clip_norm, noise_variance=plan.noise_variance,
-                             noise_kind=plan.noise_kind)
-        if secure.he is not None:  # BFV encrypts masking's words, read as signed integers
-            from raysim.privacy.he.encoding import signed_words
-            ring = signed_words(ring, secure.params)
-        self.groups[secure.session_id].add(cid, ring)
+        if secure.he is None:
+            encode = encode_update
+        else:  # TenSEAL loads only in runs that use it
+            from raysim.privacy.he.encoding import he_input as encode
+        vector = encode(delta, update.weight, secure.weight_bound, update.state_delta, secure.config, secure.params,
+                        client_rng(self.scenario.seed, round_index, cid, stream=9), dp_clip_norm=plan.clip_norm,
+                        noise_variance=plan.noise_variance, noise_kind=plan.noise_kind)
+        self.groups[secure.session_id].add(cid, vector)
         if secure.config.diagnostics:  # kept for the driver's quantization-error metric only
-            self.plain[cid] = (delta, update.weight, ring)
+            self.plain[cid] = (delta, update.weight, vector)
 
     def _group(self, secure: Any, round_index: int) -> Any:
         """The worker's group of clients for a new session: masking's ``ClientGroup`` or an ``HEClientGroup``."""
@@ -111,7 +104,7 @@ class Encoding(Stage):
         from raysim.privacy.he.protocol import HEClientGroup
         return HEClientGroup(self.he_context, secure.he, secure.params.threshold)
 
-    def secure_phase(self, name: str, inbound: object, session_id: bytes) -> PhaseOutput:
+    def secure_phase(self, name: str, inbound: object, session_id: bytes) -> PhaseOutput | list[PhaseOutput]:
         """One secure-aggregation phase for this worker's clients of session ``session_id``."""
         assert session_id in self.groups, "secure_phase before any client joined the session"
         return self.groups[session_id].phase(name, inbound)

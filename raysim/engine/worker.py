@@ -188,8 +188,9 @@ class ClientWorker:
         return self._together([self._chunk(versions[position], None, round_index, plan, index, batch)
                                for position, round_index, index, batch, plan in tasks])
 
-    def secure_phase(self, name: str, inbound: object, session_id: bytes) -> PhaseOutput:
-        """One secure-aggregation phase for this worker's clients of session ``session_id``."""
+    def secure_phase(self, name: str, inbound: object, session_id: bytes) -> PhaseOutput | list[PhaseOutput]:
+        """One secure-aggregation phase for this worker's clients of session ``session_id`` (the he backend's
+        upload returns a list of outputs)."""
         return self.encoding.secure_phase(name, inbound, session_id)
 
     def end_secure_round(self, session_id: bytes) -> None:

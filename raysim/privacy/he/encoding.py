@@ -17,6 +17,20 @@ import numpy as np
 
 from raysim.config import SecureAggregationConfig
 from raysim.privacy.secagg.params import SecAggParams
+from raysim.privacy.secagg.setup import encode_update
+
+
+def he_input(
+    delta: np.ndarray, weight: float, weight_bound: float, control_delta: np.ndarray | None,
+    config: SecureAggregationConfig, params: SecAggParams, rng: np.random.Generator,
+    *, dp_clip_norm: float | None = None, noise_variance: float = 0.0, noise_kind: str = "discrete_gaussian",
+) -> np.ndarray:
+    """What a client encrypts (``encode_update``'s arguments): CKKS's clipped floats, or BFV's signed words."""
+    if config.he.scheme == "ckks":
+        return encode_floats(delta, weight, weight_bound, control_delta, config, dp_clip_norm=dp_clip_norm)
+    return signed_words(encode_update(delta, weight, weight_bound, control_delta, config, params, rng,
+                                      dp_clip_norm=dp_clip_norm, noise_variance=noise_variance, noise_kind=noise_kind),
+                        params)
 
 
 def signed_words(ring: np.ndarray, params: SecAggParams) -> np.ndarray:

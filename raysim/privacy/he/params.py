@@ -10,8 +10,9 @@ noise of a sum of n fresh encryptions:
     Its plain modulus is the smallest batching prime t ≡ 1 (mod 2N) above 2^b, b being
     ``secure_aggregation.modulus_bits``, so masking's overflow guard n·2^q < 2^b also keeps the sum
     below t and the decrypted sum is exact. Decryption is correct while the noise stays under
-    q/(2t); a fresh encryption's noise is below N·2^8 and n of them add up, so the data level gets
-    log2(t) + log2(N) + log2(n) + 8 bits.
+    q/(2t); a fresh public-key encryption's noise is at most 6σ·(2N + 1) < 2^6·N in the infinity norm
+    (σ = 3.2, |e| ≤ 6σ, ‖e·u‖ ≤ N·6σ), n of them add up, so the data level gets log2(t) + log2(N) + log2(n) + 7
+    bits: the worst case, not the average.
   * CKKS (Cheon, Kim, Kim, Song, ASIACRYPT 2017) encodes floats at scale Δ = 2^s; the data level holds
     the sum's magnitude n·c above the scale, and its sign. Its error is the sum's encryption noise over Δ
     (``ckks_error_bound``).
@@ -36,7 +37,7 @@ MAX_COEFF_BITS: dict[int, dict[int, int]] = {
 }
 MAX_PRIME_BITS = 60  # SEAL's largest coefficient prime
 MAX_PLAIN_BITS = 60  # SEAL's largest plain modulus
-NOISE_MARGIN_BITS = 8  # a fresh encryption's noise is below N · 2^8 (|e| ≤ 6σ per coefficient, σ = 3.2)
+NOISE_MARGIN_BITS = 7  # fresh noise < 2^6·N, and decryption needs the sum's below q/(2t): one bit more
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def choose_params(config: object, num_clients: int, words: int) -> HEParams:
                     f"secure_aggregation.modulus_bits: the he backend's BFV plain modulus is a prime above 2^b of at "
                     f"most {MAX_PLAIN_BITS} bits (got b = {config.modulus_bits}); use modulus_bits ≤ {MAX_PLAIN_BITS - 1}")
             plain = batching_prime(1 << config.modulus_bits, degree)
-            chain = _chain(plain.bit_length() + degree.bit_length() + noise)
+            chain = _chain(plain.bit_length() + degree.bit_length() - 1 + noise)
             params = HEParams("bfv", degree, chain, level, plain_modulus=plain)
         else:
             # The sum of n values clipped to [−c, c], at scale 2^s, and its sign: log2(n·c) + s + 2 bits.
