@@ -5,7 +5,9 @@ From each run folder it reads metrics.jsonl, partition.json and summary.json, an
 * accuracy and loss against round, and against virtual time when the run logged ``virtual_time``;
 * ε against round when the run logged ``epsilon`` (differential privacy);
 * bytes per client per round for every per-client ``*bytes*`` metric (secure aggregation);
-* a clients x labels heatmap of label shares from partition.json (the sampled clients it lists).
+* a clients x labels heatmap of label shares from partition.json (the sampled clients it lists);
+* personalization: the ECDF of per-client accuracy at the last evaluation, personalized (solid) and global
+  model (dashed), one colour per run, so methods compare by their whole distribution.
 
 Several runs overlay on the same axes, one colour per run, with a legend. A folder with pieces
 missing plots what is there and names each missing piece in one line. Figures are drawn with
@@ -51,6 +53,10 @@ class RunData:
 
     def has(self, key: str) -> bool:
         return any(_number(m.get(key)) for m in self.history)
+
+    def last_list(self, key: str) -> list[float]:
+        """The last round's list under ``key`` (e.g. per-client accuracies), or [] when no round logged one."""
+        return next((m[key] for m in reversed(self.history) if isinstance(m.get(key), list) and m[key]), [])
 
 
 def _number(value: Any) -> bool:
@@ -132,6 +138,8 @@ def write_report(run_dirs: list[Path], out: Path, note: Callable[[str], None] = 
     byte_keys = sorted({k for run in runs for m in run.history for k in m if "bytes" in k and "server" not in k and _number(m[k])})
     if byte_keys:
         written.append(_save(_one_panel(runs, byte_keys, "bytes per client"), out / "bytes_per_client.png"))
+    if any(run.last_list("personal_accuracies") for run in runs):
+        written.append(_save(_per_client_ecdf(runs), out / "per_client_accuracy.png"))
     for run in runs:
         listed = (run.partition or {}).get("listed_clients")
         if listed and listed.get("label_histograms"):
@@ -190,6 +198,22 @@ def _legends(fig: Figure, runs: list[RunData], styles: dict[Any, dict[str, str]]
     for ax, mapping in styles.items():
         ax.legend([Line2D([], [], color="black", linestyle=style) for style in mapping.values()], list(mapping),
                   fontsize="small", loc="best")
+
+
+def _per_client_ecdf(runs: list[RunData]) -> Figure:
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    styles = {"personalized": "-", "global model": "--"}
+    for index, run in enumerate(runs):
+        for (name, style), key in zip(styles.items(), ("personal_accuracies", "personal_global_accuracies")):
+            values = np.sort(np.asarray(run.last_list(key), dtype=float))
+            if values.size:
+                ax.step(values, np.arange(1, values.size + 1) / values.size, where="post",
+                        color=COLOURS[index % len(COLOURS)], linestyle=style)
+    ax.set(xlabel="accuracy on the client's own held-out samples", ylabel="share of clients at or below",
+           title="per-client accuracy (last evaluation)", xlim=(0, 1), ylim=(0, 1))
+    _legends(fig, runs, {ax: styles})
+    return fig
 
 
 def _heatmap(run: RunData, listed: dict[str, Any]) -> Figure:

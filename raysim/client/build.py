@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 from raysim.adversary.clients import MaliciousClients
 from raysim.client.attack import Attack
 from raysim.client.bounds import FiniteCheck, NormBound
@@ -19,6 +21,7 @@ from raysim.client.compress import Compression
 from raysim.client.dp_clip import DPClip
 from raysim.client.encode import Encoding
 from raysim.client.faults import FaultInjection
+from raysim.client.personal import Personalization
 from raysim.client.pipeline import Pipeline, Stage
 from raysim.client.training import ClientRuntime, LocalTraining, VectorizedTraining
 from raysim.config import Scenario
@@ -32,6 +35,10 @@ def _training(s: Scenario, parts: dict) -> Stage:
     if runtime is not None and vectorize_choice(s)[0]:
         return VectorizedTraining(s, runtime, strategy, parts["feature_shape"])
     return LocalTraining(s, runtime, strategy)
+
+
+def _personalization(s: Scenario, parts: dict) -> Stage | None:
+    return None if s.personalization is None else Personalization(s, parts.get("runtime"), parts.get("personal_index"))
 
 
 def _fault(s: Scenario, parts: dict) -> Stage | None:
@@ -62,6 +69,7 @@ def _encoding(s: Scenario, parts: dict) -> Stage:
 
 STAGES: list[tuple[str, Callable[[Scenario, dict], Stage | None]]] = [
     ("train", _training),
+    ("personalize", _personalization),
     ("fault", _fault),
     ("attack", _attack),
     ("finite_check", lambda s, parts: FiniteCheck()),
@@ -74,10 +82,11 @@ STAGES: list[tuple[str, Callable[[Scenario, dict], Stage | None]]] = [
 
 def build_pipeline(scenario: Scenario, num_classes: int, *, runtime: ClientRuntime | None = None,
                    strategy: ClientHalf | None = None, sealer: RowSealer | None = None,
-                   feature_shape: tuple[int, ...] | None = None, he_secret: bytes | None = None) -> Pipeline:
+                   feature_shape: tuple[int, ...] | None = None, he_secret: bytes | None = None,
+                   personal_index: np.ndarray | None = None) -> Pipeline:
     """The scenario's stages in ``STAGES`` order; a worker's (``runtime`` given) trains vectorized when
     ``vectorize_choice`` says so, on samples of ``feature_shape``."""
     parts = {"num_classes": num_classes, "runtime": runtime, "strategy": strategy, "sealer": sealer,
-             "feature_shape": feature_shape, "he_secret": he_secret}
+             "feature_shape": feature_shape, "he_secret": he_secret, "personal_index": personal_index}
     stages = (make(scenario, parts) for _, make in STAGES)
     return Pipeline([stage for stage in stages if stage is not None])

@@ -29,6 +29,8 @@ from raysim.privacy.secagg.sealed_state import RowSealer
 from raysim.privacy.secagg.setup import encode_update
 from raysim.strategies.robust import robust_aggregate
 
+PERSONAL_STREAM = 1  # personal rows are sealed in their own keystreams (``RowSealer.for_stream``)
+
 
 class Encoding(Stage):
     def __init__(self, scenario: Scenario, sealer: RowSealer | None = None, he_secret: bytes | None = None) -> None:
@@ -42,13 +44,15 @@ class Encoding(Stage):
 
     def begin(self, chunk: Chunk) -> None:
         batch = chunk.batch
-        if chunk.plan.secure is None or (batch.states is None and batch.residuals is None):
+        if chunk.plan.secure is None or (batch.states is None and batch.residuals is None and batch.personal is None):
             return
         if self.sealer is None:
             raise RuntimeError("a secure round with per-client state needs the clients' storage key (client_key)")
         ids = batch.client_ids
-        chunk.open(None if batch.states is None else self.sealer.open(ids, batch.states),
-                   None if batch.residuals is None else self.sealer.open(ids, batch.residuals))
+        opened = [None if rows is None else sealer.open(ids, rows) for rows, sealer in
+                  ((batch.states, self.sealer), (batch.residuals, self.sealer),
+                   (batch.personal, self.sealer.for_stream(PERSONAL_STREAM)))]
+        chunk.open(*opened)
 
     def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
         if update.bytes_up is None:
@@ -73,6 +77,8 @@ class Encoding(Stage):
             chunk.state_deltas = None
         if chunk.residuals is not None:
             chunk.residuals = self.sealer.seal(ids, round_index, chunk.residuals)
+        if chunk.personal is not None:
+            chunk.personal = self.sealer.for_stream(PERSONAL_STREAM).seal(ids, round_index, chunk.personal)
 
     def _join_secure_round(self, update: ClientUpdate, chunk: Chunk) -> None:
         plan, cid = chunk.plan, update.client_id
@@ -134,6 +140,12 @@ class Encoding(Stage):
             return None
         floats = np.issubdtype(parts[0].dtype, np.floating)
         return np.sum(parts, axis=0, dtype=np.float64) if floats else np.sum([p.astype(object) for p in parts], axis=0)
+
+    def open_personal(self, client_ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Clients' personal rows as the store holds them, in the clear (opened when sealed)."""
+        if self.scenario.secure_aggregation is None:
+            return rows
+        return self.sealer.for_stream(PERSONAL_STREAM).open(client_ids, rows)
 
     def server(self, released: Released, context: Any) -> Released:
         """The round's sum: the secure sum's release, the robust rule over the rows, or the plain sum."""

@@ -22,6 +22,7 @@ class ClientBatch:
     states: np.ndarray | None = None  # SCAFFOLD's c_i, one row per client
     residuals: np.ndarray | None = None  # error feedback: each client's residual, one row per client
     dp_states: list | None = None  # local DP-SGD: each client's accountant state (None before its first round)
+    personal: np.ndarray | None = None  # personalization: each client's personal row ([flag, values])
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class ChunkResult:
     rows: np.ndarray | None = None  # plan.per_client: each client's update (zero rows where weight is 0)
     residuals: np.ndarray | None = None  # error feedback: each client's new residual (sealed under secure aggregation)
     sealed_states: np.ndarray | None = None  # SCAFFOLD under secure aggregation: each client's new c_i, sealed
+    personal: np.ndarray | None = None  # personalization: each client's new personal row (sealed under secure aggregation)
+    personal_done: np.ndarray | None = None  # ... for the clients whose row changed this round
 
 
 @dataclass

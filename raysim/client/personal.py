@@ -7,7 +7,8 @@ One stage, right after local training, and one evaluation, per method:
 * ``fedper`` (Arivazhagan et al., 2019): the ``personal_layers`` (default: the head, the last layer with
   parameters) never leave the client. It trains from the global body and its own head; its update's
   personal coordinates are zeroed before any later stage, so no aggregate (plain, robust, DP-noised or
-  secure) ever holds them, and the global vector's stay what they were at the start.
+  secure) holds them, and the server half zeroes them again in the released sum (secure aggregation's
+  rounding and DP's noise land there too), so the global vector's stay bit-identical to the start's.
 * ``ditto`` (Li, Hu, Beirami, Smith, ICML 2021): besides its usual global update, each client keeps v_k
   and takes ``personal_epochs`` of SGD on F_k(v) + λ/2·‖v − w‖², w the global model it received. The
   quadratic's step is taken in closed form after each gradient step, v ← (v + ηλ·w)/(1 + ηλ) (its
@@ -33,12 +34,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from raysim.client.pipeline import Chunk, ClientUpdate, Stage
+from raysim.client.pipeline import Chunk, ClientUpdate, Released, Stage
 from raysim.client.train import client_rng, evaluate, train_client
 from raysim.config import PersonalizationConfig, Scenario
 from raysim.errors import ScenarioError
 
 PERSONAL_STREAM, FINETUNE_STREAM = 13, 14
+PRIVACY_NOTE = {
+    "finetune": "fine-tuning happens on the client after the run's rounds and releases nothing, so it costs no "
+                "privacy budget",
+    "fedper": "the personal layers never leave their client and enter no aggregate, so the budget above covers "
+              "every parameter the server sees and the personal layers cost none",
+    "ditto": "each client's personal model never leaves it and enters no aggregate, so it costs no privacy budget; "
+             "the budget above covers the global updates",
+    "apfl": "each client's personal model never leaves it and enters no aggregate, so it costs no privacy budget; "
+            "the budget above covers the global updates",
+}
 
 
 def module_names(model: nn.Module) -> list[str]:
@@ -86,16 +97,12 @@ def state_width(config: PersonalizationConfig, dim: int, personal: np.ndarray | 
 class Personalization(Stage):
     """The client half of the scenario's personalization method, run after local training."""
 
-    def __init__(self, scenario: Scenario, runtime) -> None:
+    def __init__(self, scenario: Scenario, runtime, personal: np.ndarray | None = None) -> None:
         self.scenario, self.config, self.runtime = scenario, scenario.personalization, runtime
-        self.personal = None if runtime is None else personal_indices(runtime.model, self.config)
-        self.index = None if self.personal is None else torch.from_numpy(self.personal).to(runtime.device)
+        fedper = self.config.method == "fedper"
+        self.personal = personal if runtime is None or not fedper else personal_indices(runtime.model, self.config)
+        self.index = None if self.personal is None or runtime is None else torch.from_numpy(self.personal).to(runtime.device)
         self.optimizer = None if runtime is None else torch.optim.SGD(runtime.flat.params, lr=scenario.training.lr)
-
-    def begin(self, chunk: Chunk) -> None:
-        width = state_width(self.config, chunk.dim, self.personal)
-        if width and chunk.personal is not None:
-            chunk.personal_done = np.zeros(len(chunk.batch.client_ids), dtype=bool)
 
     def _row(self, chunk: Chunk, k: int) -> torch.Tensor | None:
         """The client's personal values on the device, or None before its first round."""
@@ -125,6 +132,15 @@ class Personalization(Stage):
         chunk.personal[k, 1:] = values.cpu().numpy()
         chunk.personal_done[k] = True
         return True
+
+    def server(self, released: Released, context: object) -> Released:
+        """FedPer's server half: the personal coordinates of the sum are exactly zero. The clients zeroed them, but
+        secure aggregation's rounding and DP's noise put something there; no server update may touch them."""
+        if self.config.method == "fedper" and self.personal is not None:
+            for vector in (released.total, released.mean):
+                if vector is not None:
+                    vector[self.personal] = 0
+        return released
 
     def _personal_pass(self, update: ClientUpdate, chunk: Chunk, v: torch.Tensor | None) -> torch.Tensor:
         """Ditto's or APFL's training of v_k on the client's samples; returns the new v_k."""
@@ -188,3 +204,20 @@ def evaluate_client(scenario: Scenario, runtime, personal: np.ndarray | None, gl
         runtime.flat.load(personalized_vector(config, global_t, row, personal))
     _, personal_correct, _ = evaluate(runtime.model, x, y, task=runtime.task)
     return int(global_correct), int(personal_correct), int(count)
+
+
+def personal_metrics(global_correct: np.ndarray, personal_correct: np.ndarray, counts: np.ndarray) -> dict[str, object]:
+    """One evaluation round's per-client figures: the personalized accuracy's mean, p10, p50 and p90, the global
+    model's mean per-client accuracy, the share of clients the personalized model serves better, and the
+    per-client accuracies themselves (for ``raysim report``'s distribution plot)."""
+    keep = counts > 0
+    if not keep.any():
+        return {}
+    personal, global_ = personal_correct[keep] / counts[keep], global_correct[keep] / counts[keep]
+    p10, p50, p90 = np.percentile(personal, [10, 50, 90])
+    return {"personal_accuracy_mean": float(personal.mean()), "personal_accuracy_p10": float(p10),
+            "personal_accuracy_p50": float(p50), "personal_accuracy_p90": float(p90),
+            "personal_global_accuracy_mean": float(global_.mean()),
+            "personal_beats_global": float(np.mean(personal > global_)),
+            "personal_accuracies": [round(float(a), 6) for a in personal],
+            "personal_global_accuracies": [round(float(a), 6) for a in global_]}

@@ -41,6 +41,7 @@ class ClientUpdate:
     steps: int = 0
     state_delta: np.ndarray | None = None  # the strategy's per-client state change (SCAFFOLD's Δc_i)
     bytes_up: int | None = None  # the encoded update's size (a dense float32 vector unless compressed)
+    start: torch.Tensor | None = None  # where training starts when not the global model (FedPer's own head)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Chunk:
         self.delta_sum = torch.zeros(self.dim, dtype=torch.float64, device=device)
         self.weights, self.losses, self.steps = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
         self.bytes_up = np.zeros(n, dtype=np.int64)
-        self.open(self.batch.states, self.batch.residuals)
+        self.open(self.batch.states, self.batch.residuals, self.batch.personal)
         self.rows = np.zeros((n, self.dim), dtype=np.float32) if self.plan.per_client else None
         self.dp_states = None if self.batch.dp_states is None else list(self.batch.dp_states)
         self.epsilons = None if self.batch.dp_states is None else np.zeros(n)
@@ -71,11 +72,13 @@ class Chunk:
         self.unclipped = self.tokens = self.bounded = self.malicious = 0
         self.sealed_states: np.ndarray | None = None
 
-    def open(self, states: np.ndarray | None, residuals: np.ndarray | None) -> None:
-        """Hand the chunk its clients' own state rows (SCAFFOLD's c_i) and residuals, in the clear."""
+    def open(self, states: np.ndarray | None, residuals: np.ndarray | None, personal: np.ndarray | None) -> None:
+        """Hand the chunk its clients' own state rows (SCAFFOLD's c_i), residuals and personal rows, in the clear."""
         self.states = states  # the clients' own state rows
         self.state_deltas = None if states is None else np.zeros_like(states, dtype=np.float32)
         self.residuals = None if residuals is None else np.array(residuals, dtype=np.float32)
+        self.personal = None if personal is None else np.array(personal, dtype=np.float32)
+        self.personal_done = None if personal is None else np.zeros(len(self.batch.client_ids), dtype=bool)
 
     def keep(self, update: ClientUpdate) -> None:
         """Record a client whose update reached the encoding: its weight, loss, steps, bytes and state."""
@@ -94,6 +97,7 @@ class Chunk:
             unclipped=self.unclipped, dp_states=self.dp_states, epsilons=self.epsilons, tokens=self.tokens,
             rss_mb=rss_mb, failed=self.failed, error=self.error, bounded=self.bounded, malicious=self.malicious,
             bytes_up=self.bytes_up, rows=self.rows, residuals=self.residuals, sealed_states=self.sealed_states,
+            personal=self.personal, personal_done=self.personal_done,
         )
 
 

@@ -64,11 +64,13 @@ def train_client(
     rng: np.random.Generator,
     hook: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     task: Task = CLASSIFICATION,
+    after_step: Callable[[torch.Tensor], None] | None = None,
 ) -> LocalResult:
     """Train ``model`` in place on (x, y) for ``epochs`` passes, starting from whatever it holds.
 
     ``flat`` holds the model's parameters and gradients as flat vectors; ``hook(grad, weights)``
-    adjusts the flat gradient in place between ``backward`` and the optimizer step.
+    adjusts the flat gradient in place between ``backward`` and the optimizer step, and
+    ``after_step(weights)`` the flat weights after it (e.g. Ditto's proximal step).
     """
     optimizer.state.clear()
     model.train()
@@ -85,6 +87,9 @@ def train_client(
             if hook is not None:
                 hook(flat.grad, flat.vector)
             optimizer.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(flat.vector)
             loss_sum += loss.detach()
             steps += 1
     return LocalResult(steps=steps, mean_loss=float(loss_sum) / max(steps, 1))

@@ -49,7 +49,7 @@ class LocalTraining(Stage):
     def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
         runtime, k, cid = self.runtime, update.position, update.client_id
         x, y = torch.from_numpy(update.x).to(runtime.device), torch.from_numpy(update.y).to(runtime.device)
-        runtime.flat.load(chunk.global_t)
+        runtime.flat.load(chunk.global_t if update.start is None else update.start)
         own = self._own_state(chunk, k)
         seed, epochs = self.scenario.seed, int(chunk.batch.epochs[k])
         rng = client_rng(seed, chunk.round_index, cid)

@@ -332,6 +332,31 @@ class PrivacyConfig(Strict):
     noise: Literal["discrete_gaussian", "skellam"] = "discrete_gaussian"
 
 
+class PersonalizationConfig(Strict):
+    """Per-client models that live on the client (``raysim.client.personal``), evaluated per client.
+
+    ``finetune``: FedAvg, then ``finetune_epochs`` of local SGD from the global model when a client is evaluated.
+    ``fedper``: ``personal_layers`` (module names; default the head) never leave the client. ``ditto``: a
+    personal model pulled towards the global one by λ/2·‖v − w‖² (``lam``). ``apfl``: a personal model mixed
+    with the global one, α·v + (1 − α)·w (``alpha``). ``personal_epochs`` (default ``training.epochs``) is the
+    length of Ditto's and APFL's personal pass.
+    """
+
+    method: Literal["finetune", "fedper", "ditto", "apfl"]
+    finetune_epochs: int = Field(1, ge=0)
+    personal_layers: list[str] | None = Field(None, min_length=1)
+    lam: float = Field(0.1, ge=0.0, description="Ditto's λ")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="APFL's mixing weight α")
+    personal_epochs: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _layers(self) -> PersonalizationConfig:
+        if self.personal_layers is not None and self.method != "fedper":
+            raise ValueError(f"personalization.personal_layers: only fedper keeps layers personal ({self.method} "
+                             "personalizes the whole model); remove it or set method: fedper")
+        return self
+
+
 class EvaluationConfig(Strict):
     """Central evaluation on the test set every ``every`` rounds, and optional federated evaluation."""
 

@@ -90,6 +90,9 @@ VECTORIZE_LIMITS: tuple[tuple[str, Callable[[Scenario], bool], str, dict[str, An
      "a transformers model: the stacked trainer covers the model zoo (logreg, mlp, cnn), not LoRA adapters "
      "inside a transformers forward",
      {"data.source": "shakespeare_lm", "model.kind": "hf_causal_lm"}),
+    ("personalization", lambda s: s.personalization is not None,
+     "personalization: the stacked trainer does not start clients from their own layers or run personal passes",
+     {"personalization.method": "fedper", "evaluation.federated": True}),
 )
 
 
@@ -286,6 +289,32 @@ ROWS: tuple[Exclusion, ...] = (
                 "set training.vectorize: auto (it falls back to one client at a time) or false",
                 lambda s, applies=applies: s.training.vectorize is True and applies(s), {"training.vectorize": True, **example})
       for feature, applies, reason, example in VECTORIZE_LIMITS),
+    Exclusion(("personalization", "no federated evaluation"), "nature", "evaluation.federated",
+              "personalized models are evaluated per client, on each client's held-out split",
+              "set evaluation.federated: true",
+              lambda s: s.personalization is not None and not s.evaluation.federated,
+              {"personalization.method": "ditto", "evaluation.federated": False}),
+    Exclusion(("personalization", "asynchronous modes"), "not_built", "personalization",
+              "personal state in asynchronous modes (a client's row across overlapping tasks) is not built yet",
+              "remove the asynchronous block or the personalization block",
+              lambda s: s.personalization is not None and _async(s),
+              {**_FEDBUFF, "personalization.method": "fedper", "evaluation.federated": True}),
+    Exclusion(("personalization", "SCAFFOLD"), "not_built", "strategy.name",
+              "scaffold's control variates would also steer the personal layers and models, and that variant is not "
+              "built", "use fedavg, fedprox or a server optimizer",
+              lambda s: s.personalization is not None and s.strategy.name == "scaffold",
+              {"personalization.method": "fedper", "evaluation.federated": True, "strategy.name": "scaffold"}),
+    Exclusion(("FedPer", "FedProx"), "not_built", "personalization.method",
+              "fedprox's proximal term would pull fedper's personal layers towards the global ones, and a term over "
+              "the shared layers only is not built", "set strategy.mu: 0 or use ditto, whose pull is personal",
+              lambda s: s.personalization is not None and s.personalization.method == "fedper" and s.strategy.mu > 0,
+              {"personalization.method": "fedper", "evaluation.federated": True, "strategy.name": "fedprox",
+               "strategy.mu": 0.1}),
+    Exclusion(("personalization", "a language model"), "not_built", "personalization",
+              "personal layers of a transformers model (its LoRA adapters) are not built yet", "remove the block",
+              lambda s: s.personalization is not None and s.model.is_language_model,
+              {"data.source": "shakespeare_lm", "model.kind": "hf_causal_lm", "personalization.method": "finetune",
+               "evaluation.federated": True}),
     Exclusion(("token weighting", "numeric data"), "nature", "strategy.client_weighting",
               "tokens weighs clients by their text tokens, which numeric sources do not have", "use samples",
               lambda s: s.strategy.client_weighting == "tokens" and not _text(s),

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from raysim.config import compat
 from raysim.config.blocks import (AdversaryConfig, AggregationConfig, AsyncConfig, CheckpointConfig,
                                   CompressionConfig, DataConfig, EvaluationConfig, ExecutorConfig, FaultsConfig,
-                                  ModelConfig, OutputConfig, PartitionConfig, PrivacyConfig, SamplingConfig,
+                                  ModelConfig, OutputConfig, PartitionConfig, PersonalizationConfig, PrivacyConfig, SamplingConfig,
                                   SecureAggregationConfig, StrategyConfig, Strict, SystemConfig, TrackingConfig,
                                   TrainingConfig)
 from raysim.errors import ScenarioError
@@ -53,6 +53,7 @@ class Scenario(Strict):
     aggregation: AggregationConfig = AggregationConfig()
     compression: CompressionConfig | None = None
     adversary: AdversaryConfig | None = None
+    personalization: PersonalizationConfig | None = None
 
     @model_validator(mode="after")
     def _compatible(self) -> Scenario:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from raysim.client.build import build_pipeline
+from raysim.client.personal import PRIVACY_NOTE, personal_indices
+from raysim.client.personal import state_width as personal_width
 from raysim.client.pipeline import Released
 from raysim.client.state import make_state_store
 from raysim.config import Scenario
@@ -65,7 +67,6 @@ class ServerCore:
         self.global_vec = flat.numpy()
         self.dim = int(self.global_vec.size)
         self.evaluator = Evaluator(scenario, model, flat, x_test, y_test, num_classes)
-        self.pipeline = build_pipeline(scenario, num_classes)  # for its server halves
         # Under secure aggregation clients' state rows are kept sealed, two header words wider.
         self.state_width = self.dim if scenario.secure_aggregation is None else sealed_width(self.dim)
         self.state_dir = state_dir
@@ -73,6 +74,15 @@ class ServerCore:
         self.strategy = make_strategy(scenario.strategy, num_clients=scenario.num_clients, dim=self.dim, store=store)
         compression = scenario.compression
         self.residuals = self._store("residuals") if compression is not None and compression.error_feedback else None
+        self.personal_index, self.personal = None, None
+        if scenario.personalization is not None:  # each client's personal row (``raysim.client.personal``)
+            if scenario.personalization.method == "fedper":  # one line for a bad layer name
+                self.personal_index = personal_indices(model, scenario.personalization)
+            width = personal_width(scenario.personalization, self.dim, self.personal_index)
+            if width:
+                self.personal = self._store("personal", width if scenario.secure_aggregation is None
+                                            else sealed_width(width))
+        self.pipeline = build_pipeline(scenario, num_classes, personal_index=self.personal_index)  # its server halves
         self.central_dp = self.local_dp = None
         if scenario.privacy is not None:
             self._privacy(dp_total_weight)
@@ -83,12 +93,13 @@ class ServerCore:
         self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "worker_failures_total": 0,
                        "client_errors_total": 0, "rejected_total": 0}
 
-    def _store(self, name: str):
-        """A per-client state store of ``strategy.state_store``'s kind (SCAFFOLD's in ``state_dir`` itself)."""
-        backend = self.scenario.strategy.state_store
+    def _store(self, name: str, width: int | None = None):
+        """A per-client state store of ``strategy.state_store``'s kind (SCAFFOLD's in ``state_dir`` itself), of
+        ``width`` (default: the model's, sealed under secure aggregation) per row."""
+        backend, width = self.scenario.strategy.state_store, width or self.state_width
         if backend == "memory":
-            return make_state_store(backend, self.state_width, None)
-        return make_state_store(backend, self.state_width, self.state_dir if name == "client_state"
+            return make_state_store(backend, width, None)
+        return make_state_store(backend, width, self.state_dir if name == "client_state"
                                 else Path(self.state_dir) / name)
 
     def _privacy(self, dp_total_weight: float) -> None:
@@ -106,7 +117,8 @@ class ServerCore:
                                     denominator_rate=kept_rate)
 
     def stores(self) -> list:
-        return [store for store in (getattr(self.strategy, "store", None), self.residuals) if store is not None]
+        return [store for store in (getattr(self.strategy, "store", None), self.residuals, self.personal)
+                if store is not None]
 
     def record(self, reduction: Reduction) -> dict[str, Any]:
         """The per-update metrics of ``reduction``; adds them to the totals and keeps the clients' new state."""
@@ -122,6 +134,10 @@ class ServerCore:
         if self.local_dp is not None:
             for chunk in reduction.chunks:
                 self.local_dp.record(chunk.client_ids, chunk.dp_states, chunk.epsilons)
+        if self.personal is not None:  # every client that trained keeps its new personal row, aggregated or not
+            for chunk in reduction.chunks:
+                if chunk.personal_done is not None and chunk.personal_done.any():
+                    self.personal.put(chunk.client_ids[chunk.personal_done], chunk.personal[chunk.personal_done])
         return out
 
     def budget_gate(self, metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -166,6 +182,9 @@ class ServerCore:
         metrics = self.evaluator.central(self.global_vec, self.workers, self.failures)
         if self.scenario.evaluation.federated:
             metrics.update(self.evaluator.federated(self.global_vec, round_index, self.workers, self.failures))
+        if self.scenario.personalization is not None:
+            metrics.update(self.evaluator.personalized(self.global_vec, round_index, self.workers, self.failures,
+                                                       self.personal))
         return metrics
 
     def privacy_metrics(self) -> dict[str, Any]:
@@ -181,24 +200,27 @@ class ServerCore:
         from raysim.privacy.dp.sampling import sampling_assumption
 
         scenario = self.scenario
+        report = None
         if self.central_dp is not None:
-            return self.central_dp.report(scenario.privacy.mechanism, scenario.rounds, scenario.sampling.kind,
-                                          sampling_assumption(scenario))
-        if self.local_dp is not None:
-            return self.local_dp.report(scenario.rounds, sampling_assumption(scenario))
-        return None
+            report = self.central_dp.report(scenario.privacy.mechanism, scenario.rounds, scenario.sampling.kind,
+                                            sampling_assumption(scenario))
+        elif self.local_dp is not None:
+            report = self.local_dp.report(scenario.rounds, sampling_assumption(scenario))
+        if report is not None and scenario.personalization is not None:
+            report["personalization"] = PRIVACY_NOTE[scenario.personalization.method]
+        return report
 
     def state(self) -> dict[str, Any]:
         """Everything the next rounds depend on (the stores' rows travel as files; see ``checkpoint``)."""
         for store in self.stores():
             getattr(store, "flush", lambda: None)()
         return {"global_vec": self.global_vec, "strategy": self.strategy, "central_dp": self.central_dp,
-                "local_dp": self.local_dp, "residuals": self.residuals, "totals": self.totals,
-                "failures": self.failures.count}
+                "local_dp": self.local_dp, "residuals": self.residuals, "personal": self.personal,
+                "totals": self.totals, "failures": self.failures.count}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.global_vec, self.strategy, self.central_dp = state["global_vec"], state["strategy"], state["central_dp"]
-        self.local_dp, self.residuals = state["local_dp"], state["residuals"]
+        self.local_dp, self.residuals, self.personal = state["local_dp"], state["residuals"], state.get("personal")
         self.totals, self.failures.count = state["totals"], state["failures"]
 
     def close(self) -> None:

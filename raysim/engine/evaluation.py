@@ -13,6 +13,7 @@ import ray
 import torch
 
 from raysim.adversary.clients import MaliciousClients
+from raysim.client.personal import personal_metrics
 from raysim.client.train import evaluate
 from raysim.config import Scenario
 from raysim.engine.pool import WorkerFailures, map_chunks
@@ -68,3 +69,17 @@ class Evaluator:
             return {}
         return {"fed_accuracy": sum(r.correct for r in results) / samples,
                 "fed_loss": sum(r.loss_sum for r in results) / samples}
+
+    def personalized(self, global_vec: np.ndarray, round_index: int, workers: list, failures: WorkerFailures,
+                     store) -> dict[str, object]:
+        """Per-client accuracy on the held-out samples of the same clients ``federated`` evaluates, with the
+        global model and with each client's personalized one (its row from ``store``; ``personal_metrics``)."""
+        scenario = self.scenario
+        rng = np.random.default_rng([scenario.seed, round_index, 3])
+        ids = uniform_subset(rng, scenario.num_clients, scenario.evaluation.federated_clients)
+        parts = [(part, None if store is None else store.get(part))
+                 for part in chunked(ids, scenario.executor.clients_per_call)]
+        results = map_chunks(workers, "evaluate_personal", parts, (ray.put(global_vec), round_index), 1,
+                             failures=failures)
+        columns = [np.concatenate([r[k] for r in results]) for k in range(3)]
+        return personal_metrics(*columns)

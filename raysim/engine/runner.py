@@ -316,7 +316,8 @@ def _client_storage_key(scenario: Scenario, run_dir: Path) -> bytes | None:
     the simulated devices' storage, not a credential, and lives in the run folder (mode 0600) so that a
     resumed run's clients can read their state; only the workers receive it, never the server actor.
     """
-    stateful = scenario.strategy.name == "scaffold" or (scenario.compression is not None and scenario.compression.error_feedback)
+    stateful = scenario.strategy.name == "scaffold" or (scenario.compression is not None and scenario.compression.error_feedback) \
+        or (scenario.personalization is not None and scenario.personalization.method != "finetune")
     if scenario.secure_aggregation is None or not stateful:
         return None
     path = run_dir / CLIENT_KEY_FILE

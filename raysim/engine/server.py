@@ -154,7 +154,8 @@ class RoundServer(CoreServer):
         return [
             ClientBatch(client_ids=ids, epochs=epochs[i : i + size], states=core.strategy.client_states(ids),
                         dp_states=None if core.local_dp is None else core.local_dp.states_for(ids),
-                        residuals=None if core.residuals is None else core.residuals.get(ids))
+                        residuals=None if core.residuals is None else core.residuals.get(ids),
+                        personal=None if core.personal is None else core.personal.get(ids))
             for i, ids in zip(range(0, len(sampled), size), chunked(sampled, size))
         ]
 

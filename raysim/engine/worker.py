@@ -20,6 +20,7 @@ import torch
 from raysim.client.build import build_pipeline
 from raysim.client.encode import Encoding
 from raysim.client.messages import ChunkResult, ClientBatch, EvalResult, RoundPlan
+from raysim.client.personal import Personalization, evaluate_client
 from raysim.client.pipeline import Chunk
 from raysim.client.samples import split_holdout
 from raysim.client.train import evaluate
@@ -218,6 +219,21 @@ class ClientWorker:
             if x.shape[0]:
                 total = total.plus(*evaluate(runtime.model, x, y, task=runtime.task))
         return total
+
+    def evaluate_personal(self, global_vec: np.ndarray, round_index: int, index: int,
+                          part: tuple[np.ndarray, np.ndarray | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Personalization: for each client of ``part`` (ids, their personal rows), the held-out samples the global
+        model and the client's personalized model get right, and their count."""
+        ids, rows = part
+        rows = None if rows is None else self.encoding.open_personal(ids, rows)
+        global_t = torch.from_numpy(np.array(global_vec, dtype=np.float32)).to(self.runtime.device)
+        personal = self.pipeline.find(Personalization).personal
+        out = np.zeros((3, len(ids)), dtype=np.int64)
+        for k, cid in enumerate(ids.tolist()):
+            out[:, k] = evaluate_client(self.scenario, self.runtime, personal, global_t, None if rows is None else rows[k],
+                                        self._client_arrays(cid), self._client_arrays(cid, held_out=True), cid,
+                                        round_index)
+        return out[0], out[1], out[2]
 
     def evaluate_test(self, global_vec: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, index: int,
                       span: tuple[int, int]) -> EvalResult:
