@@ -136,7 +136,6 @@ PINNED = [
     (("vectorized training", "a transformers model"), "not_built"),
     (("vectorized training", "personalization"), "not_built"),
     (("personalization", "no federated evaluation"), "nature"),
-    (("personalization", "asynchronous modes"), "not_built"),
     (("personalization", "SCAFFOLD"), "not_built"),
     (("FedPer", "FedProx"), "not_built"),
     (("personalization", "a language model"), "not_built"),

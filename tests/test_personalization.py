@@ -82,6 +82,17 @@ def test_no_aggregate_a_server_sees_holds_fedper_s_personal_layers(tiny_scenario
         assert np.abs(weighted[head]).max() <= step and np.abs(weighted).max() > 10 * step
 
 
+def test_fedper_in_fedbuff_keeps_its_head_and_personalizes(tiny_scenario):
+    fedbuff = ["system.speed.kind=lognormal", "system.speed.mean=100", "system.speed.sigma=1", "asynchronous.mode=fedbuff",
+               "asynchronous.concurrency=10", "asynchronous.buffer_size=5", "rounds=12", "evaluation.every=12"]
+    result = _run(tiny_scenario, *fedbuff, "personalization.method=fedper")
+    head = _head(tiny_scenario)
+    start = initial_global(parse_and_validate(apply_overrides(tiny_scenario, SKEW)), (16,), 5)
+    assert np.array_equal(result.global_vector[head], start[head])
+    last = result.history[-1]
+    assert last["personal_accuracy_mean"] > last["personal_global_accuracy_mean"] + 0.1
+
+
 def test_fedper_heads_differ_per_client(tiny_scenario):
     result = _run(tiny_scenario, "personalization.method=fedper")
     accuracies = np.array(result.history[-1]["personal_accuracies"])

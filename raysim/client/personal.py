@@ -24,8 +24,9 @@ A client's state is one row, [1, its personal values] (the head's k coordinates 
 ditto and apfl); a store fills rows lazily with zeros, and a leading 0 means the client has not trained
 yet: its personal model starts from the global model it receives (for fedper, the initial head). The
 personal pass uses plain SGD at ``training.lr`` whatever ``training.optimizer`` says. The rows travel with
-the client's task, go back to the server's client state store (sealed under secure aggregation), are
-checkpointed with it, and never enter an aggregate.
+the client's task (in async modes, read when the task is launched), go back to the server's client state
+store when its update is used (sealed under secure aggregation), are checkpointed with it, and never enter
+an aggregate.
 """
 
 from __future__ import annotations

@@ -294,11 +294,6 @@ ROWS: tuple[Exclusion, ...] = (
               "set evaluation.federated: true",
               lambda s: s.personalization is not None and not s.evaluation.federated,
               {"personalization.method": "ditto", "evaluation.federated": False}),
-    Exclusion(("personalization", "asynchronous modes"), "not_built", "personalization",
-              "personal state in asynchronous modes (a client's row across overlapping tasks) is not built yet",
-              "remove the asynchronous block or the personalization block",
-              lambda s: s.personalization is not None and _async(s),
-              {**_FEDBUFF, "personalization.method": "fedper", "evaluation.federated": True}),
     Exclusion(("personalization", "SCAFFOLD"), "not_built", "strategy.name",
               "scaffold's control variates would also steer the personal layers and models, and that variant is not "
               "built", "use fedavg, fedprox or a server optimizer",

@@ -229,6 +229,7 @@ class AsyncServer(CoreServer):
                 core = self.core
                 batch = ClientBatch(client_ids=chunk, epochs=np.full(len(chunk), epochs, dtype=np.int64),
                                     residuals=None if core.residuals is None else core.residuals.get(chunk),
+                                    personal=None if core.personal is None else core.personal.get(chunk),
                                     dp_states=None if core.local_dp is None else core.local_dp.states_for(chunk))
                 self.pending[(step, version, piece)] = Task(version, ref, batch, plan)
                 self.launcher.submit((step, version, piece), self.pending[(step, version, piece)])

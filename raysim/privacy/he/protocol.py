@@ -31,6 +31,7 @@ from raysim.privacy.secagg.client import PhaseOutput
 from raysim.privacy.secagg.dropout import MASKED_INPUT, UNMASKING, DropoutModel
 from raysim.privacy.secagg.errors import SecAggAborted, SecAggError
 from raysim.privacy.secagg.messages import ID_BYTES
+from raysim.privacy.secagg.round import outcome_metrics
 
 GAUSSIAN_SIGMA = 3.2  # SEAL's error distribution
 HE_PHASES = (MASKED_INPUT, UNMASKING)
@@ -139,13 +140,7 @@ class HEResult:
 
     def metrics(self) -> dict[str, float]:
         """Per-round metrics; the ``secagg_*`` ones mean what they mean for masking."""
-        out: dict[str, float] = {"secagg_aborted": float(self.aborted), "secagg_survivors": float(len(self.survivors))}
-        for name, table in (("sent", self.bytes_sent), ("received", self.bytes_received)):
-            values = list(table.values()) or [0]
-            out[f"secagg_client_bytes_{name}_mean"] = float(np.mean(values))
-            out[f"secagg_client_bytes_{name}_max"] = float(max(values))
-        out["secagg_server_bytes_received"] = float(sum(self.bytes_sent.values()))
-        out["secagg_server_bytes_sent"] = float(sum(self.bytes_received.values()))
+        out = outcome_metrics(self.aborted, self.survivors, self.bytes_sent, self.bytes_received)
         for phase in HE_PHASES:
             out[f"secagg_{phase}_dropouts"] = float(len(self.dropouts.get(phase, ())))
         out["secagg_late_clients"] = float(len(self.late))

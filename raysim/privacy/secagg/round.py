@@ -62,13 +62,7 @@ class SecAggResult:
 
     def metrics(self) -> dict[str, float]:
         """Flat per-round metrics: bytes per client (mean, max), server totals, seconds and dropouts per phase."""
-        out: dict[str, float] = {"secagg_aborted": float(self.aborted), "secagg_survivors": float(len(self.survivors))}
-        for name, table in (("sent", self.bytes_sent), ("received", self.bytes_received)):
-            values = list(table.values()) or [0]
-            out[f"secagg_client_bytes_{name}_mean"] = float(np.mean(values))
-            out[f"secagg_client_bytes_{name}_max"] = float(max(values))
-        out["secagg_server_bytes_received"] = float(self.server_bytes_received)
-        out["secagg_server_bytes_sent"] = float(self.server_bytes_sent)
+        out = outcome_metrics(self.aborted, self.survivors, self.bytes_sent, self.bytes_received)
         for phase in PHASES:
             seconds = list(self.client_seconds.get(phase, {}).values()) or [0.0]
             out[f"secagg_{phase}_client_seconds_mean"] = float(np.mean(seconds))
@@ -77,6 +71,20 @@ class SecAggResult:
             out[f"secagg_{phase}_dropouts"] = float(len(self.dropouts.get(phase, ())))
         out["secagg_late_clients"] = float(len(self.late))
         return out
+
+
+def outcome_metrics(aborted: bool, survivors: Collection[int], bytes_sent: Mapping[int, int],
+                    bytes_received: Mapping[int, int]) -> dict[str, float]:
+    """What every secure-sum backend reports with the same meaning: whether the round aborted, its survivors,
+    the bytes each client sent and received (mean and max over the round's clients) and the server's totals."""
+    out: dict[str, float] = {"secagg_aborted": float(aborted), "secagg_survivors": float(len(survivors))}
+    for name, table in (("sent", bytes_sent), ("received", bytes_received)):
+        values = list(table.values()) or [0]
+        out[f"secagg_client_bytes_{name}_mean"] = float(np.mean(values))
+        out[f"secagg_client_bytes_{name}_max"] = float(max(values))
+    out["secagg_server_bytes_received"] = float(sum(bytes_sent.values()))
+    out["secagg_server_bytes_sent"] = float(sum(bytes_received.values()))
+    return out
 
 
 class _Round:
