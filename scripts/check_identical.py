@@ -43,8 +43,8 @@ COMMON = ["tracking.wandb=disabled", "tracking.progress=false"]
 # dynamic load balancing hands each call (faults.kill_worker_every counts a process's calls; models stay identical).
 TIMING_KEYS = {"seconds", "compute_seconds", "clients_per_second", "tokens_per_second_per_worker", "worker_rss_mb",
                "wall_seconds", "rounds_per_second", "peak_rss_gb", "worker_failures", "worker_failures_total",
-               "startup"}  # startup: the start-up profile's seconds
-TIMING_PATTERN = re.compile(r"secagg_\w+_seconds(_mean|_max)?")  # secure aggregation's wall-clock seconds per phase
+               "startup", "server_cpu_seconds"}  # startup: the start-up profile's seconds
+TIMING_PATTERN = re.compile(r"(secagg|he)_\w+_seconds(_mean|_max)?")  # secure aggregation's wall-clock seconds
 SKIP = {"cluster_gpu": "fails at 4ff2037 too (partition.min_size: 100 Dirichlet draws for 100,000 clients leave one "
                        "empty, after 3.5 min); a cluster-sized run that a smaller population would no longer test"}
 RUN_TIMEOUT_S = 1800

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import ray
+from threadpoolctl import threadpool_limits
 
 from raysim.adversary.clients import check_labels
 from raysim.config import Scenario
@@ -123,12 +124,19 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
             session.end_run(clean)
 
 
-def _load(scenario: Scenario) -> tuple[Any, Any, Any, "RunKeys | None"]:
+def _load(scenario: Scenario) -> tuple[Any, Any, Any, RunKeys | None]:
     """What needs no Ray: the actors' modules (torch), the checks, the data, its partition and the clients'
     systems, and the he backend's keys (run beside ``ray.init``)."""
     import raysim.engine.server_host  # noqa: F401  the actors' classes
     import raysim.engine.worker  # noqa: F401
 
+    # One BLAS thread here: this runs while ray.init starts processes, and OpenBLAS's pool, shut down by its
+    # fork handler in the middle of a call on this thread, left a run spinning forever in the data's matmuls.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _load_data(scenario)
+
+
+def _load_data(scenario: Scenario) -> tuple[Any, Any, Any, RunKeys | None]:
     validate(scenario)
     dataset = load_data(scenario)
     part = partition_data(scenario, dataset)
