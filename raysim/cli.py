@@ -1,4 +1,4 @@
-"""The command line: ``raysim run | resume | validate | sweep | report``.
+"""The command line: ``raysim run | resume | validate | sweep | report | attack``.
 
 Every user error ends in one line naming the field and the fix, and exit code 2, with no traceback.
 """
@@ -47,7 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders, e.g. results/quickstart")
     report.add_argument("--out", type=Path, default=None,
                         help="folder for the PNGs (default: RUN_DIR/plots for one run, ./report for several)")
+    attack = commands.add_parser("attack", help="attack what the server saw in a run (the leakage lab)")
+    attack.add_argument("run_dir", type=Path, help="a run folder whose scenario had a leakage block")
+    attack.add_argument("--round", type=int, default=1, help="the recorded round to invert (default 1)")
+    attack.add_argument("--attack", choices=["idlg", "dlg", "geiping"], default="idlg")
+    attack.add_argument("--client", type=int, default=None, help="the victim (default: the first one the view allows)")
+    attack.add_argument("--iterations", type=int, default=300)
+    attack.add_argument("--membership", action="store_true",
+                        help="instead, the loss-threshold membership-inference attack on the final model")
     return parser
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from raysim.engine.attack import attack_round, membership
+
+    if not (args.run_dir / "config.yaml").exists():
+        raise ScenarioError(f"run_dir: {args.run_dir} holds no config.yaml; give a run folder, e.g. results/<name>")
+    result = membership(args.run_dir) if args.membership else \
+        attack_round(args.run_dir, args.round, args.attack, args.client, args.iterations)
+    print(json.dumps(result))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -137,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``raysim`` command."""
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "resume": _resume, "validate": _validate, "sweep": _sweep, "report": _report}[args.command](args)
+        return {"run": _run, "resume": _resume, "validate": _validate, "sweep": _sweep, "report": _report,
+                "attack": _attack}[args.command](args)
     except ScenarioError as err:
         print(f"raysim: error: {err}", file=sys.stderr)
         return EXIT_USAGE

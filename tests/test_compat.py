@@ -130,6 +130,8 @@ PINNED = [
     (("the shared random mask", "SCAFFOLD under secure aggregation"), "not_built"),
     (("compression", "distributed DP"), "not_built"),
     (("error feedback", "central DP"), "not_built"),
+    (("the leakage lab", "text data"), "not_built"),
+    (("the leakage lab", "asynchronous modes"), "not_built"),
     (("attacks", "text data"), "not_built"),
     (("text data", "a non-language model"), "nature"),
     (("a language model", "numeric data"), "nature"),

@@ -14,7 +14,7 @@ models or secure aggregation run after it, in ``raysim.engine.validation``.
 from raysim.config.blocks import (TEXT_SOURCES, AdaptiveClippingConfig, AdversaryConfig, AggregationConfig,
                                   AsyncConfig, Availability, CheckpointConfig, CompressionConfig, DataConfig,
                                   Distribution, EvaluationConfig, ExecutorConfig, FaultsConfig, LoraConfig,
-                                  ModelConfig, OutputConfig, PartitionConfig, PersonalizationConfig, PrivacyConfig, SamplingConfig,
+                                  LeakageConfig, ModelConfig, OutputConfig, PartitionConfig, PersonalizationConfig, PrivacyConfig, SamplingConfig,
                                   SecureAggregationConfig, StalenessConfig, StrategyConfig, SystemConfig, HEConfig,
                                   TinyTransformerConfig, TrackingConfig, TrainingConfig, path_exists)
 from raysim.config.loading import load_scenario, one_line, parse_scenario, scenario_to_yaml
@@ -25,7 +25,7 @@ from raysim.config.yaml_safety import safe_yaml
 __all__ = [
     "TEXT_SOURCES", "AdaptiveClippingConfig", "AdversaryConfig", "AggregationConfig", "AsyncConfig", "Availability",
     "CheckpointConfig", "CompressionConfig", "DataConfig", "Distribution", "EvaluationConfig", "ExecutorConfig",
-    "FaultsConfig", "LoraConfig", "ModelConfig", "OutputConfig", "PartitionConfig", "PersonalizationConfig", "PrivacyConfig",
+    "FaultsConfig", "LeakageConfig", "LoraConfig", "ModelConfig", "OutputConfig", "PartitionConfig", "PersonalizationConfig", "PrivacyConfig",
     "HEConfig", "SamplingConfig", "Scenario", "SecureAggregationConfig", "StalenessConfig", "StrategyConfig", "SystemConfig",
     "TinyTransformerConfig", "TrackingConfig", "TrainingConfig", "apply_overrides", "check_known_path",
     "load_scenario", "one_line", "oversample_count", "parse_scenario", "path_exists", "safe_yaml",

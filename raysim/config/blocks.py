@@ -630,6 +630,20 @@ class CompressionConfig(Strict):
     error_feedback: bool = Field(False, description="keep each client's residual and add it next time")
 
 
+class LeakageConfig(Strict):
+    """The leakage lab (``raysim.adversary.lab``): the rounds whose server view is written to the run folder
+    for ``raysim attack``."""
+
+    rounds: list[int] = Field(default_factory=lambda: [1], min_length=1)
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds(cls, value: list[int]) -> list[int]:
+        if any(r < 1 for r in value):
+            raise ValueError(f"leakage.rounds: rounds are numbered from 1 (got {value})")
+        return value
+
+
 class AdversaryConfig(Strict):
     """A seeded fraction of malicious clients and the attack they run."""
 

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from raysim.config import compat
 from raysim.config.blocks import (AdversaryConfig, AggregationConfig, AsyncConfig, CheckpointConfig,
                                   CompressionConfig, DataConfig, EvaluationConfig, ExecutorConfig, FaultsConfig,
-                                  ModelConfig, OutputConfig, PartitionConfig, PersonalizationConfig, PrivacyConfig, SamplingConfig,
+                                  LeakageConfig, ModelConfig, OutputConfig, PartitionConfig, PersonalizationConfig, PrivacyConfig, SamplingConfig,
                                   SecureAggregationConfig, StrategyConfig, Strict, SystemConfig, TrackingConfig,
                                   TrainingConfig)
 from raysim.errors import ScenarioError
@@ -54,6 +54,7 @@ class Scenario(Strict):
     compression: CompressionConfig | None = None
     adversary: AdversaryConfig | None = None
     personalization: PersonalizationConfig | None = None
+    leakage: LeakageConfig | None = None
 
     @model_validator(mode="after")
     def _compatible(self) -> Scenario:

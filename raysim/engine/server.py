@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 
+from raysim.adversary.lab import view_of_round
 from raysim.client.compress import Compression, shared_mask_seed
 from raysim.client.dp_clip import DPClip, ring_sensitivity
 from raysim.client.messages import ChunkResult, ClientBatch, RoundPlan
@@ -211,6 +212,9 @@ class RoundServer(CoreServer):
         out = core.record(reduction)
         context = ServerRound(round_index, plan, reduction, secure, core.central_dp, self.scenario.seed, core.dim)
         released = core.pipeline.server(Released(None, None, np.zeros(0, dtype=bool)), context)
+        leakage = self.scenario.leakage
+        if leakage is not None and round_index + 1 in leakage.rounds and core.run_dir is not None:
+            view_of_round(round_index + 1, core.global_vec.copy(), reduction, secure, released).save(core.run_dir)
         core.step(released, reduction.client_ids, f"round {round_index + 1}")
         out.update(released.metrics)
         return out
