@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--iterations", type=int, default=300)
     attack.add_argument("--membership", action="store_true",
                         help="instead, the loss-threshold membership-inference attack on the final model")
+    attack.add_argument("--shadows", type=int, default=0,
+                        help="with --membership: also the LiRA-style attack with this many shadow models (runs)")
     return parser
 
 
@@ -63,7 +65,7 @@ def _attack(args: argparse.Namespace) -> int:
 
     if not (args.run_dir / "config.yaml").exists():
         raise ScenarioError(f"run_dir: {args.run_dir} holds no config.yaml; give a run folder, e.g. results/<name>")
-    result = membership(args.run_dir) if args.membership else \
+    result = membership(args.run_dir, shadows=args.shadows) if args.membership else \
         attack_round(args.run_dir, args.round, args.attack, args.client, args.iterations)
     print(json.dumps(result))
     return 0

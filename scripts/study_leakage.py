@@ -15,7 +15,8 @@ all of them every round, 10 rounds of 20 epochs, MLP 64-256-10; digits generaliz
 loss-threshold attack to find much, AUC 0.55 undefended) under no defence, secure aggregation, central DP at ε ∈ {1, 8}
 and local DP-SGD; Yeom et al.'s loss-threshold attack, members against held-out samples: AUC, TPR at 1%
 FPR, and the largest excess over the (ε, δ) bound, raw and beyond Clopper-Pearson error, with the ROC curves
-drawn against their bounds. Writes ``<out>/leakage.md`` (a hand-written reading below the marker line is
+drawn against their bounds; and the offline LiRA-style attack (Carlini et al. 2022) with 4 shadow models
+trained by the simulator on held-out samples that are never targets, on the same members and non-members. Writes ``<out>/leakage.md`` (a hand-written reading below the marker line is
 kept), ``leakage.json``, ``leakage_grid.png`` and ``leakage_membership.png``; prints last
 ``leakage_psnr_gap_db: ...``, the undefended MLP's mean PSNR at B = 1 less the secure sum of 10's.
 
@@ -116,7 +117,7 @@ def membership_cell(defence: str) -> dict[str, Any]:
         raw["secure_aggregation"] = {"threshold": 0.5}
     with tempfile.TemporaryDirectory() as out:
         result = raysim.run({**raw, "output": {"dir": out}})
-        found = membership(result.run_dir)
+        found = membership(result.run_dir, shadows=4)
     row = {"defence": defence, **found, "accuracy": result.final_accuracy}
     print(json.dumps({k: v for k, v in row.items() if not k.startswith("roc")}), flush=True)
     return row
@@ -155,14 +156,16 @@ def tables(inversion: list[dict[str, Any]], members: list[dict[str, Any]]) -> st
         eps = "" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         lines.append(f"| {r['model']} | {r['batch']} | {r['steps']} | {r['defence']} | {r['view']} | {r['psnr']:.1f} | "
                      f"{r['label_accuracy']:.2f} | {eps} |")
-    lines += ["", "| defence | test accuracy | AUC | TPR @ 1% FPR | ε | max TPR − bound | beyond sampling error |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| defence | test accuracy | AUC | TPR @ 1% FPR | LiRA AUC | LiRA TPR @ 1% FPR | ε | max TPR − bound | "
+              "beyond sampling error (threshold, LiRA) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in members:
         eps = "" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         excess = "" if r["worst_excess"] is None else f"{r['worst_excess']:+.3f}"
-        significant = "" if r["significant_excess"] is None else f"{r['significant_excess']:+.3f}"
-        lines.append(f"| {r['defence']} | {r['accuracy']:.3f} | {r['auc']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | {eps} | "
-                     f"{excess} | {significant} |")
+        lira = r["lira"]
+        significant = "" if r["significant_excess"] is None else \
+            f"{r['significant_excess']:+.3f}, {lira['significant_excess']:+.3f}"
+        lines.append(f"| {r['defence']} | {r['accuracy']:.3f} | {r['auc']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | "
+                     f"{lira['auc']:.3f} | {lira['tpr_at_1pct_fpr']:.3f} | {eps} | {excess} | {significant} |")
     return "\n".join(lines)
 
 

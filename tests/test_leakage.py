@@ -86,11 +86,16 @@ def test_membership_inference_finds_a_memorizing_model_and_stays_under_the_dp_bo
     memorized = raysim.run({**small, "output": {"dir": str(tmp_path / "a")}})
     found = membership(memorized.run_dir)
     assert found["auc"] > 0.75 and found["epsilon"] is None  # measured 0.87
+    both = membership(memorized.run_dir, shadows=4)  # four OUT models trained by the simulator
+    assert both["lira"]["auc"] > 0.75
+    # LiRA's edge is at low FPR: on the same targets it finds more members at 1% FPR than the threshold does.
+    assert both["lira"]["tpr_at_1pct_fpr"] > both["tpr_at_1pct_fpr"]  # measured 0.110 against 0.080
     private = raysim.run({**small, "name": "mi_dp", "output": {"dir": str(tmp_path / "b")},
                           "privacy": {"mechanism": "central", "noise_multiplier": 10.0, "clip_norm": 0.5}})
-    bounded = membership(private.run_dir)
+    bounded = membership(private.run_dir, shadows=4)
     assert bounded["epsilon"] < 1.5  # q = 1, z = 10, 10 rounds: 1.31
     assert bounded["significant_excess"] <= 0.0  # no point above e^ε·FPR + δ beyond sampling error
+    assert bounded["lira"]["significant_excess"] <= 0.0
     assert bounded["auc"] < found["auc"]
 
 
