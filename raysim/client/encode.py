@@ -35,6 +35,7 @@ PERSONAL_STREAM = 1  # personal rows are sealed in their own keystreams (``RowSe
 class Encoding(Stage):
     def __init__(self, scenario: Scenario, sealer: RowSealer | None = None, he_secret: bytes | None = None) -> None:
         self.scenario, self.sealer = scenario, sealer
+        self.personal_sealer = None if sealer is None else sealer.for_stream(PERSONAL_STREAM)
         self.he_context = None
         if he_secret is not None:  # backend: he; TenSEAL loads only in runs that use it
             from raysim.privacy.he.keys import load_context
@@ -51,7 +52,7 @@ class Encoding(Stage):
         ids = batch.client_ids
         opened = [None if rows is None else sealer.open(ids, rows) for rows, sealer in
                   ((batch.states, self.sealer), (batch.residuals, self.sealer),
-                   (batch.personal, self.sealer.for_stream(PERSONAL_STREAM)))]
+                   (batch.personal, self.personal_sealer))]
         chunk.open(*opened)
 
     def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
@@ -78,7 +79,7 @@ class Encoding(Stage):
         if chunk.residuals is not None:
             chunk.residuals = self.sealer.seal(ids, round_index, chunk.residuals)
         if chunk.personal is not None:
-            chunk.personal = self.sealer.for_stream(PERSONAL_STREAM).seal(ids, round_index, chunk.personal)
+            chunk.personal = self.personal_sealer.seal(ids, round_index, chunk.personal)
 
     def _join_secure_round(self, update: ClientUpdate, chunk: Chunk) -> None:
         plan, cid = chunk.plan, update.client_id
@@ -145,7 +146,7 @@ class Encoding(Stage):
         """Clients' personal rows as the store holds them, in the clear (opened when sealed)."""
         if self.scenario.secure_aggregation is None:
             return rows
-        return self.sealer.for_stream(PERSONAL_STREAM).open(client_ids, rows)
+        return self.personal_sealer.open(client_ids, rows)
 
     def server(self, released: Released, context: Any) -> Released:
         """The round's sum: the secure sum's release, the robust rule over the rows, or the plain sum."""

@@ -53,13 +53,22 @@ PRIVACY_NOTE = {
 }
 
 
+def _module_of(parameter: str) -> str:
+    """The module a parameter belongs to: ``3`` for ``3.weight``, ``""`` for a top-level parameter."""
+    return parameter.rsplit(".", 1)[0] if "." in parameter else ""
+
+
+def _covered(module: str, names: list[str]) -> bool:
+    """Whether ``module`` is one of ``names`` or inside one of them."""
+    return any(module == name or module.startswith(name + ".") for name in names)
+
+
 def module_names(model: nn.Module) -> list[str]:
     """The names of the modules that hold trainable parameters directly, in parameter order."""
     names: list[str] = []
     for name, param in model.named_parameters():
-        module = name.rsplit(".", 1)[0] if "." in name else ""
-        if param.requires_grad and module not in names:
-            names.append(module)
+        if param.requires_grad and _module_of(name) not in names:
+            names.append(_module_of(name))
     return names
 
 
@@ -70,15 +79,15 @@ def personal_indices(model: nn.Module, config: PersonalizationConfig) -> np.ndar
     modules = module_names(model)
     wanted = config.personal_layers or [modules[-1]]
     for name in wanted:
-        if not any(m == name or m.startswith(name + ".") for m in modules):
+        if not any(_covered(m, [name]) for m in modules):
             raise ScenarioError(f"personalization.personal_layers: {name!r} names no layer of the model; "
                                 f"use one of {modules}")
     covered, offset, chosen = set(), 0, []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        module = name.rsplit(".", 1)[0] if "." in name else ""
-        if any(module == w or module.startswith(w + ".") for w in wanted):
+        module = _module_of(name)
+        if _covered(module, wanted):
             chosen.append(np.arange(offset, offset + param.numel()))
             covered.add(module)
         offset += param.numel()
