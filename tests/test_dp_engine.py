@@ -13,6 +13,7 @@ from raysim.config import PrivacyConfig, apply_overrides, parse_scenario
 from raysim.engine.core import initial_global
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
 from raysim.errors import ScenarioError
+from raysim.privacy.dp.local_target import local_noise_for_target
 from raysim.privacy.dp.server import CentralDP
 
 CENTRAL = ["privacy.mechanism=central", "privacy.noise_multiplier=0.5"]
@@ -149,6 +150,27 @@ def test_local_dp_sgd_keeps_each_clients_accountant_across_rounds(ray_session, t
     assert eps_max[-1] > eps_max[0] > 0  # clients sampled again continue their own accounting
     assert result.history[-1]["dp_clients_accounted"] <= 10
     assert result.summary["privacy"]["mechanism"].startswith("local DP-SGD")
+
+
+def test_local_dp_sgd_solves_one_z_for_every_clients_worst_case():
+    sizes = np.array([10, 16, 33, 80, 80])  # ⌈n/16⌉ = 1, 1, 3, 5, 5 batches an epoch
+    solved = local_noise_for_target(2.0, sizes, batch_size=16, epochs=2, rounds=3, delta=1e-5)
+    each = {k: get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=1 / k, steps=3 * 2 * k,
+                                    accountant="rdp") for k in (1, 3, 5)}
+    assert solved.noise_multiplier == max(each.values()) and solved.batches_per_epoch == max(each, key=each.get)
+    assert solved.steps == 3 * 2 * solved.batches_per_epoch
+
+
+def test_local_dp_sgd_with_a_target_epsilon_spends_it_on_a_client_of_every_round(ray_session, tiny_scenario):
+    result = raysim.run(tiny_scenario, overrides=[
+        "num_clients=10", "data.num_samples=600", "partition.kind=iid", "sampling.clients_per_round=10", "rounds=2",
+        "privacy.mechanism=local", "privacy.target_epsilon=4", "name=local_target"])
+    # 480 training samples (a fifth is the test set): 48 a client, 3 Poisson batches an epoch, every round
+    z = get_noise_multiplier(target_epsilon=4, target_delta=1e-5, sample_rate=1 / 3, steps=2 * 3, accountant="rdp")
+    block = result.summary["privacy"]
+    assert block["noise_multiplier"] == z and block["target_epsilon"] == 4
+    assert block["epsilon"] == pytest.approx(rdp_epsilons(z, 1 / 3, 6)[-1], rel=1e-9) and block["epsilon"] <= 4
+    assert "1/3" in block["noise_solved"]
 
 
 def test_distributed_dp_noise_travels_inside_the_secure_sum(ray_session, tiny_scenario):

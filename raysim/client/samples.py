@@ -7,6 +7,12 @@ import numpy as np
 _HOLDOUT_STREAM = 7
 
 
+def train_sizes(sizes: np.ndarray, holdout_fraction: float) -> np.ndarray:
+    """How many of each client's ``sizes`` samples it trains on: ``split_holdout``'s train share."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return sizes - np.where(sizes > 1, np.rint(sizes * holdout_fraction), 0).astype(np.int64)
+
+
 def split_holdout(indices: np.ndarray, holdout_fraction: float, seed: int, client_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, holdout) index arrays; the split is a fixed function of (seed, client), the same every round.
 

@@ -214,11 +214,16 @@ ROWS: tuple[Exclusion, ...] = (
               "remove privacy.adaptive or use the central mechanism",
               lambda s: _dp(s, "local") and s.privacy.adaptive is not None,
               {"privacy.mechanism": "local", "privacy.adaptive": {}}),
-    Exclusion(("local DP-SGD", "a target ε"), "not_built", "privacy.mechanism",
-              "local DP-SGD does not solve for privacy.target_epsilon yet",
-              "set privacy.noise_multiplier instead or use the central mechanism",
-              lambda s: _dp(s, "local") and s.privacy.target_epsilon is not None,
-              {"privacy.mechanism": "local", "privacy.target_epsilon": 5.0}),
+    Exclusion(("local DP-SGD with a target ε", "asynchronous modes"), "not_built", "privacy.target_epsilon",
+              "the solve bounds a client's steps by one training a round, and an async client may train more often "
+              "than once a server step", "set privacy.noise_multiplier instead",
+              lambda s: _dp(s, "local") and s.privacy.target_epsilon is not None and _async(s),
+              {**_FEDBUFF, "privacy.mechanism": "local", "privacy.target_epsilon": 5.0}),
+    Exclusion(("local DP-SGD", "a budget stop"), "not_built", "privacy.budget_epsilon",
+              "a per-client budget check for local DP-SGD is not built (privacy.target_epsilon solves z so that no "
+              "client can exceed it)", "remove privacy.budget_epsilon and set privacy.target_epsilon",
+              lambda s: _dp(s, "local") and s.privacy.budget_epsilon is not None,
+              {"privacy.mechanism": "local", "privacy.budget_epsilon": 5.0}),
     Exclusion(("adaptive clipping", "distributed DP"), "not_built", "privacy.adaptive",
               "adaptive clipping is for the central mechanism (its private count of clipped updates is not built "
               "under secure aggregation)", "remove privacy.adaptive or set privacy.mechanism: central",

@@ -124,9 +124,9 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
             session.end_run(clean)
 
 
-def _load(scenario: Scenario) -> tuple[Any, Any, Any, RunKeys | None]:
+def _load(scenario: Scenario) -> tuple[Any, Any, Any, RunKeys | None, Any]:
     """What needs no Ray: the actors' modules (torch), the checks, the data, its partition and the clients'
-    systems, and the he backend's keys (run beside ``ray.init``)."""
+    systems, the he backend's keys and local DP-SGD's solved noise (run beside ``ray.init``)."""
     import raysim.engine.server_host  # noqa: F401  the actors' classes
     import raysim.engine.worker  # noqa: F401
 
@@ -136,14 +136,29 @@ def _load(scenario: Scenario) -> tuple[Any, Any, Any, RunKeys | None]:
         return _load_data(scenario)
 
 
-def _load_data(scenario: Scenario) -> tuple[Any, Any, Any, RunKeys | None]:
+def _load_data(scenario: Scenario) -> tuple[Any, Any, Any, RunKeys | None, Any]:
     validate(scenario)
     dataset = load_data(scenario)
     part = partition_data(scenario, dataset)
     system = client_system(scenario, part.sizes())  # a malformed trace fails here, before any actor starts
     if scenario.adversary is not None:
         check_labels(scenario.adversary, dataset.num_classes, dataset.feature_shape)
-    return dataset, part, system, _key_authority(scenario, dataset.feature_shape, dataset.num_classes)
+    return (dataset, part, system, _key_authority(scenario, dataset.feature_shape, dataset.num_classes),
+            _local_noise(scenario, part.sizes()))
+
+
+def _local_noise(scenario: Scenario, sizes: np.ndarray) -> Any:
+    """Local DP-SGD with a target ε: the z every client's worst case needs (None otherwise)."""
+    privacy = scenario.privacy
+    if privacy is None or privacy.mechanism != "local" or privacy.target_epsilon is None:
+        return None
+    from raysim.client.samples import train_sizes
+    from raysim.privacy.dp.local_target import local_noise_for_target
+
+    holdout = scenario.evaluation.holdout_fraction if scenario.evaluation.federated else 0.0
+    return local_noise_for_target(privacy.target_epsilon, train_sizes(sizes, holdout),
+                                  batch_size=scenario.training.batch_size, epochs=scenario.training.epochs,
+                                  rounds=scenario.rounds, delta=privacy.delta, accountant=privacy.accountant)
 
 
 @dataclass(frozen=True)
@@ -196,13 +211,16 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
             loading.result()  # the data's error first, as when nothing overlapped
             raise
         pool, host = session.pool(scenario.executor, num_workers), session.server_host()
-    dataset, part, system, he = loading.result()
+    dataset, part, system, he, noise = loading.result()
     if resume is None:
         folder = RunFolder.create(scenario)
-        folder.write_config(scenario)
+        folder.write_config(scenario)  # as written: a resumed run solves its noise again, to the same z
         folder.write_json("partition.json", summarize(part, dataset.y_train, dataset.num_classes, seed=scenario.seed))
     else:
         folder = RunFolder(resume)
+    if noise is not None:  # the workers and the server run with the solved z
+        scenario = scenario.model_copy(update={"privacy": scenario.privacy.model_copy(
+            update={"noise_multiplier": noise.noise_multiplier})})
     history = folder.keep_metrics(0 if saved is None else saved.rounds_done)
     session.notices.to(folder.path / "ray.log")  # Ray's notices, off the console
     with profile.span("ray.put"):
@@ -233,6 +251,8 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
             print(f"raysim: resuming {folder.path} after round {first}", file=sys.stderr)
         if he is not None:
             print(f"raysim: homomorphic aggregation: {he.params.describe(he.words)}", file=sys.stderr)
+        if noise is not None:
+            print(f"raysim: local DP-SGD: {noise.describe(scenario.rounds)}", file=sys.stderr)
         if scenario.training.vectorize is not False:  # the run says once which it chose, and why
             on, why = vectorize_choice(scenario)
             print(f"raysim: vectorized training {'on' if on else 'off'} ({why})", file=sys.stderr)
@@ -250,7 +270,7 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
         if saved is not None:
             summary["resumed_after_round"] = saved.rounds_done
         if privacy is not None:
-            summary["privacy"] = privacy
+            summary["privacy"] = privacy if noise is None else {**privacy, "noise_solved": noise.describe(scenario.rounds)}
         if he is not None:
             summary["he"] = he.report()
         if scenario.training.vectorize is not False:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raysim.client.samples import train_sizes
 from raysim.config import Availability, Distribution, Scenario
 from raysim.engine.trace import ClientTrace, load_trace
 from raysim.errors import ScenarioError
@@ -180,7 +181,5 @@ def client_system(scenario: Scenario, sizes: np.ndarray) -> ClientSystem | None:
         seed=scenario.seed, speed=config.speed, up_bw=config.up_bw, down_bw=config.down_bw,
         availability=config.availability, dropout=config.dropout, trace=trace,
     )
-    sizes = np.asarray(sizes, dtype=np.int64)
     holdout = scenario.evaluation.holdout_fraction if scenario.evaluation.federated else 0.0
-    held = np.where(sizes > 1, np.rint(sizes * holdout), 0).astype(np.int64)
-    return ClientSystem(model=model, train_sizes=sizes - held)
+    return ClientSystem(model=model, train_sizes=train_sizes(sizes, holdout))

@@ -146,6 +146,7 @@ class LocalDPLedger:
         metrics = self.metrics()
         return {"mechanism": "local DP-SGD (Opacus), sample-level, one accountant per client",
                 "clip_norm": self.config.clip_norm, "noise_multiplier": self.config.noise_multiplier,
+                "target_epsilon": self.config.target_epsilon,
                 "sample_rate": "per client: 1 / ceil(samples / batch_size)", "rounds": rounds,
                 "accountant": self.config.accountant, "delta": self.config.delta,
                 "epsilon": metrics.get("epsilon_max", 0.0), "epsilon_mean": metrics.get("epsilon_mean", 0.0),
