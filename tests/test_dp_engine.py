@@ -10,11 +10,13 @@ from opacus.accountants.utils import get_noise_multiplier
 
 import raysim
 from raysim.config import PrivacyConfig, apply_overrides, parse_scenario
+from raysim.engine import checkpoint
 from raysim.engine.core import initial_global
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
 from raysim.errors import ScenarioError
 from raysim.privacy.dp.local_target import local_noise_for_target
 from raysim.privacy.dp.server import CentralDP
+from raysim.privacy.secagg.sealed_state import sealed_width
 
 CENTRAL = ["privacy.mechanism=central", "privacy.noise_multiplier=0.5"]
 DISTRIBUTED = ["privacy.mechanism=distributed", "privacy.noise_multiplier=0.5", "secure_aggregation.threshold=0.5"]
@@ -104,6 +106,52 @@ def test_central_dp_with_no_noise_and_no_clip_is_fedavg_bit_for_bit(ray_session,
     dp = raysim.run(tiny_scenario, overrides=[*uniform, "name=dp0", "privacy.mechanism=central",
                                                "privacy.noise_multiplier=0", "privacy.clip_norm=.inf"])
     assert np.array_equal(fedavg.global_vector, dp.global_vector)
+
+
+def test_dp_scaffold_with_no_noise_and_no_clip_is_scaffold_bit_for_bit(ray_session, tiny_scenario):
+    # Under DP each c_i goes back sealed and only the chunks' sums of Δc_i reach the server.
+    scaffold = ["strategy.name=scaffold", "strategy.client_weighting=uniform"]
+    plain = raysim.run(tiny_scenario, overrides=[*scaffold, "name=sc"])
+    dp = raysim.run(tiny_scenario, overrides=[*scaffold, "name=sc0", "privacy.mechanism=central", "checkpoint.every=2",
+                                               "privacy.noise_multiplier=0", "privacy.clip_norm=.inf"])
+    assert np.array_equal(plain.global_vector, dp.global_vector)
+    store = checkpoint.latest(dp.run_dir).load_state()["strategy"].store
+    assert store.num_stored >= 20 and store.dim == sealed_width(dp.global_vector.size)  # each c_i held sealed
+    # A control clip near zero leaves c and every c_i near zero: SCAFFOLD's correction vanishes and it is FedAvg.
+    fedavg = raysim.run(tiny_scenario, overrides=["strategy.client_weighting=uniform", "name=avg"])
+    clipped = raysim.run(tiny_scenario, overrides=[*scaffold, "name=sc_c", "privacy.mechanism=central",
+                                                    "privacy.noise_multiplier=0", "privacy.clip_norm=.inf",
+                                                    "privacy.control_clip_norm=1e-9"])
+    assert np.abs(clipped.global_vector - fedavg.global_vector).max() < 1e-6
+    assert np.abs(plain.global_vector - fedavg.global_vector).max() > 1e-3
+
+
+def test_dp_scaffold_noises_both_sums_at_root_two_z_and_accounts_once_at_z(ray_session, tiny_scenario):
+    config = PrivacyConfig(mechanism="central", noise_multiplier=2.0, clip_norm=0.5, control_clip_norm=3.0)
+    pair = CentralDP(config, sample_rate=0.1, rounds=1, total_weight=1000.0, expected_cohort=100.0, blocks=2)
+    noisy = pair.aggregate(np.zeros(200_000), unclipped=100, rng=np.random.default_rng(1), server_noise=True)
+    assert abs(noisy.std() / (np.sqrt(2) * 2.0 * 0.5 / 100.0) - 1) < 0.01  # √2·z·S/(qW) on Σ w·Δy
+    control = pair.noise_sum(np.zeros(200_000), 3.0, np.random.default_rng(2))
+    assert abs(control.std() / (np.sqrt(2) * 2.0 * 3.0) - 1) < 0.01  # √2·z·S_c on Σ Δc
+    dp = [*CENTRAL, "strategy.name=scaffold", "privacy.control_clip_norm=2"]
+    run = raysim.run(tiny_scenario, overrides=[*dp, "name=dpsc"])
+    one = raysim.run(tiny_scenario, overrides=[*dp, "name=dpsc1", "executor.num_workers=1"])
+    assert np.array_equal(run.global_vector, one.global_vector)
+    assert [m["epsilon"] for m in run.history] == pytest.approx(rdp_epsilons(0.5, 0.1, 3), rel=1e-9)
+    assert run.history[-1]["dp_noise_stddev"] == pytest.approx(np.sqrt(2) * 0.5 * 1.0 / 20)
+    assert run.summary["privacy"]["control_clip_norm"] == 2
+
+
+def test_error_feedback_under_central_dp_keeps_each_residual_sealed_and_exact(ray_session, tiny_scenario):
+    topk = ["strategy.client_weighting=uniform", 'compression.kind="topk"', "compression.fraction=0.1",
+            "compression.error_feedback=true"]
+    plain = raysim.run(tiny_scenario, overrides=[*topk, "name=ef"])
+    dp = raysim.run(tiny_scenario, overrides=[*topk, "name=ef_dp", "privacy.mechanism=central",
+                                               "privacy.noise_multiplier=0", "privacy.clip_norm=.inf"])
+    assert np.array_equal(plain.global_vector, dp.global_vector)  # the sealed residuals round-trip exactly
+    noisy = [*topk, *CENTRAL]
+    assert np.array_equal(raysim.run(tiny_scenario, overrides=[*noisy, "name=ef_z"]).global_vector,
+                          raysim.run(tiny_scenario, overrides=[*noisy, "name=ef_z1", "executor.num_workers=1"]).global_vector)
 
 
 def test_central_dp_reports_epsilon_every_round_and_a_privacy_block(ray_session, tiny_scenario):
@@ -212,7 +260,8 @@ def test_over_selection_is_accounted_at_the_worst_case_participation_rate(ray_se
     (["sampling.kind=poisson", "sampling.rate=1.5"], "sampling.rate"),
     (["sampling.kind=poisson", "sampling.rate=0"], "sampling.rate"),
     (["privacy.mechanism=distributed"], "privacy.mechanism"),
-    (["privacy.mechanism=central", "strategy.name=scaffold"], "privacy.mechanism"),
+    (["privacy.mechanism=local", "strategy.name=scaffold"], "privacy.mechanism"),
+    (["privacy.mechanism=central", "privacy.control_clip_norm=1"], "privacy.control_clip_norm"),
 ])
 def test_bad_privacy_settings_name_their_field(tiny_scenario, overrides, field):
     with pytest.raises(ScenarioError, match=field.replace(".", r"\.")):

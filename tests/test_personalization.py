@@ -57,14 +57,18 @@ def test_fedper_keeps_the_head_out_of_every_aggregate_with_or_without_secure_agg
 
 
 def test_no_aggregate_a_server_sees_holds_fedper_s_personal_layers(tiny_scenario):
-    scenario = parse_and_validate(apply_overrides(tiny_scenario, [*SKEW, "personalization.method=fedper",
-                                                                  "secure_aggregation.threshold=0.5"]))
+    fedper = [*SKEW, "personalization.method=fedper"]
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(60, 16)).astype(np.float32), rng.integers(0, 5, 60)
     threads = torch.get_num_threads()
-    worker = ClientWorker.local(scenario, x, y, np.arange(60), np.arange(0, 61, 20), (16,), 5,
-                                client_key=new_storage_key())
-    torch.set_num_threads(threads)
+
+    def worker_of(overrides: list[str], **keys) -> ClientWorker:
+        scenario = parse_and_validate(apply_overrides(tiny_scenario, overrides))
+        made = ClientWorker.local(scenario, x, y, np.arange(60), np.arange(0, 61, 20), (16,), 5, **keys)
+        torch.set_num_threads(threads)
+        return made
+
+    worker = worker_of(fedper)
     head, start = _head(tiny_scenario), worker.runtime.flat.numpy()
     batch = ClientBatch(np.arange(3), np.ones(3, dtype=np.int64), personal=np.zeros((3, 1 + head.size), np.float32))
     plain = worker.train(start, None, 0, RoundPlan(per_client=True), 0, batch)
@@ -72,7 +76,8 @@ def test_no_aggregate_a_server_sees_holds_fedper_s_personal_layers(tiny_scenario
     folded = worker.train(start, None, 0, RoundPlan(), 1, batch)
     assert (folded.delta_sum[head] == 0).all()  # the partial sum the server adds up
     # Under secure aggregation: each client's ring vector, decoded alone, is zero there up to one rounding step.
-    config = scenario.secure_aggregation
+    worker = worker_of([*fedper, "secure_aggregation.threshold=0.5"], client_key=new_storage_key())
+    config = worker.scenario.secure_aggregation
     secure = SecureRound(config, round_params(config, 3), b"p" * 16, 100.0)
     sealed = np.zeros((3, sealed_width(1 + head.size)), np.float32)
     worker.train(start, None, 0, RoundPlan(secure=secure), 2, dataclasses.replace(batch, personal=sealed))

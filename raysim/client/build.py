@@ -56,7 +56,10 @@ def _norm_bound(s: Scenario, parts: dict) -> Stage | None:
 
 
 def _dp_clip(s: Scenario, parts: dict) -> Stage | None:
-    return None if s.privacy is None or s.privacy.mechanism == "local" else DPClip(s.privacy.mechanism)
+    if s.privacy is None or s.privacy.mechanism == "local":
+        return None
+    control_clip = (s.privacy.control_clip_norm or s.privacy.clip_norm) if s.strategy.name == "scaffold" else None
+    return DPClip(s.privacy.mechanism, control_clip)
 
 
 def _compression(s: Scenario, parts: dict) -> Stage | None:

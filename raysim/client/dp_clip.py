@@ -2,7 +2,11 @@
 noise on the server.
 
 Client half: each client's delta is clipped to the round's L2 norm S (``clip_to_norm``; fixed or
-adaptive, Andrew et al. 2021), and counted in ``unclipped`` when it was already within S. Server half:
+adaptive, Andrew et al. 2021), and counted in ``unclipped`` when it was already within S. Under
+SCAFFOLD (DP-SCAFFOLD, Noble et al., AISTATS 2022) its control delta Δc_i is clipped too, to S_c
+(``privacy.control_clip_norm``), and the server noises Σ Δc_i as well as Σ w·Δy: the pair is one
+Gaussian mechanism on [Δy/S, Δc/S_c], of sensitivity √2, so each block gets √2 times the noise of
+DP-FedAvg at the same z and the accountant steps once with z (``CentralDP.blocks``). Server half:
 the mechanism runs on whatever reached the sum, with the fixed denominator qW
 (``raysim.privacy.dp.server.CentralDP``): the central server adds Gaussian noise; under distributed DP
 the noise came from the clients, inside the secure sum, and a round that released nothing keeps the
@@ -28,8 +32,9 @@ def ring_sensitivity(clip_norm: float, secure: SecureRound, dim: int) -> float:
 
 
 class DPClip(Stage):
-    def __init__(self, mechanism: str) -> None:
+    def __init__(self, mechanism: str, control_clip_norm: float | None = None) -> None:
         self.distributed = mechanism == "distributed"
+        self.control_clip_norm = control_clip_norm  # SCAFFOLD's S_c; None without control deltas
 
     def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
         if chunk.plan.clip_norm is None:  # an async step: no DP plan
@@ -37,6 +42,8 @@ class DPClip(Stage):
         clipped, _, within = clip_to_norm(update.delta.cpu().numpy(), chunk.plan.clip_norm)
         update.delta = torch.from_numpy(clipped).to(update.delta.device)
         chunk.unclipped += int(within)
+        if update.state_delta is not None:
+            update.state_delta = clip_to_norm(update.state_delta, self.control_clip_norm)[0]
         return True
 
     def server(self, released: Released, context: Any) -> Released:
@@ -62,5 +69,10 @@ class DPClip(Stage):
         released.mean = dp.aggregate(total, unclipped=0 if reduction is None else reduction.unclipped, empty=empty,
                                      rng=np.random.default_rng([context.seed, context.round_index, 13]),
                                      server_noise=not self.distributed)
-        released.mean_weight, released.control_rows, released.control_sum = dp.expected_weight, None, None
+        released.mean_weight = dp.expected_weight
+        if released.control_sum is not None and not empty and not self.distributed:  # DP-SCAFFOLD: Σ Δc_i noised with the same mechanism
+            released.control_sum = dp.noise_sum(released.control_sum, self.control_clip_norm,
+                                                np.random.default_rng([context.seed, context.round_index, 14]))
+        else:
+            released.control_rows, released.control_sum = None, None
         return released

@@ -45,10 +45,12 @@ class Encoding(Stage):
 
     def begin(self, chunk: Chunk) -> None:
         batch = chunk.batch
-        if chunk.plan.secure is None or (batch.states is None and batch.residuals is None and batch.personal is None):
+        if batch.states is None and batch.residuals is None and batch.personal is None:
             return
         if self.sealer is None:
-            raise RuntimeError("a secure round with per-client state needs the clients' storage key (client_key)")
+            if chunk.plan.secure is not None:
+                raise RuntimeError("a secure round with per-client state needs the clients' storage key (client_key)")
+            return  # the server keeps these rows in the clear (``Scenario.seals_client_state``)
         ids = batch.client_ids
         opened = [None if rows is None else sealer.open(ids, rows) for rows, sealer in
                   ((batch.states, self.sealer), (batch.residuals, self.sealer),
@@ -68,12 +70,15 @@ class Encoding(Stage):
         return True
 
     def finish(self, chunk: Chunk) -> None:
-        """Under secure aggregation the new c_i = c_i + Δc_i and the residuals go back sealed; Δc_i only
-        reaches the server inside the secure sum."""
-        if chunk.plan.secure is None or self.sealer is None:
+        """Where the server keeps client state sealed the new c_i = c_i + Δc_i and the residuals go back sealed;
+        Δc_i only reaches the server inside the secure sum, or (DP without secure aggregation) summed over
+        the chunk for DP's noise."""
+        if self.sealer is None:
             return
         ids, round_index = chunk.batch.client_ids, chunk.round_index
         if chunk.state_deltas is not None:
+            if chunk.plan.secure is None:
+                chunk.state_sum = np.sum(chunk.state_deltas, axis=0, dtype=np.float64)
             chunk.sealed_states = self.sealer.seal(ids, round_index, chunk.states + chunk.state_deltas)
             chunk.state_deltas = None
         if chunk.residuals is not None:
@@ -144,7 +149,7 @@ class Encoding(Stage):
 
     def open_personal(self, client_ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Clients' personal rows as the store holds them, in the clear (opened when sealed)."""
-        if self.scenario.secure_aggregation is None:
+        if not self.scenario.seals_client_state:
             return rows
         return self.personal_sealer.open(client_ids, rows)
 
@@ -163,6 +168,9 @@ class Encoding(Stage):
         if reduction.state_deltas is not None:
             rows = reduction.state_deltas[released.included]
             released.control_rows, released.control_sum = rows, np.sum(rows, axis=0, dtype=np.float64)
+        elif reduction.sealed_states is not None:  # DP's sealed c_i: only the chunks' sums of Δc_i arrive
+            released.control_rows, released.sealed = reduction.sealed_states[released.included], True
+            released.control_sum = reduction.state_sum
         if context.plan.per_client and reduction.kept:
             self._robust(released, reduction)
         return released

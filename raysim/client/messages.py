@@ -70,7 +70,8 @@ class ChunkResult:
     bytes_up: np.ndarray | None = None  # per client: the encoded update's bytes (0 where not sent)
     rows: np.ndarray | None = None  # plan.per_client: each client's update (zero rows where weight is 0)
     residuals: np.ndarray | None = None  # error feedback: each client's new residual (sealed under secure aggregation)
-    sealed_states: np.ndarray | None = None  # SCAFFOLD under secure aggregation: each client's new c_i, sealed
+    sealed_states: np.ndarray | None = None  # SCAFFOLD with sealed state: each client's new c_i, sealed
+    state_sum: np.ndarray | None = None  # ... and, outside a secure sum, Σ Δc_i over the chunk (float64)
     personal: np.ndarray | None = None  # personalization: each client's new personal row (sealed under secure aggregation)
     personal_done: np.ndarray | None = None  # ... for the clients whose row changed this round
 

@@ -71,6 +71,7 @@ class Chunk:
         self.error: str | None = None
         self.unclipped = self.tokens = self.bounded = self.malicious = 0
         self.sealed_states: np.ndarray | None = None
+        self.state_sum: np.ndarray | None = None  # Σ Δc_i over the chunk when its c_i go back sealed outside a secure sum
 
     def open(self, states: np.ndarray | None, residuals: np.ndarray | None, personal: np.ndarray | None) -> None:
         """Hand the chunk its clients' own state rows (SCAFFOLD's c_i), residuals and personal rows, in the clear."""
@@ -97,7 +98,7 @@ class Chunk:
             unclipped=self.unclipped, dp_states=self.dp_states, epsilons=self.epsilons, tokens=self.tokens,
             rss_mb=rss_mb, failed=self.failed, error=self.error, bounded=self.bounded, malicious=self.malicious,
             bytes_up=self.bytes_up, rows=self.rows, residuals=self.residuals, sealed_states=self.sealed_states,
-            personal=self.personal, personal_done=self.personal_done,
+            state_sum=self.state_sum, personal=self.personal, personal_done=self.personal_done,
         )
 
 

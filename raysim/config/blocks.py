@@ -327,6 +327,7 @@ class PrivacyConfig(Strict):
     budget_epsilon: float | None = Field(None, gt=0.0, description="stop or warn past this ε (default: target_epsilon)")
     on_budget: Literal["stop", "warn"] = "stop"
     clip_norm: float = Field(1.0, gt=0.0)
+    control_clip_norm: float | None = Field(None, gt=0.0, description="SCAFFOLD: the clip of each Δc_i (default clip_norm)")
     adaptive: AdaptiveClippingConfig | None = None
     weight_cap: float | None = Field(None, gt=0.0, description="w_k = min(n_k / cap, 1); null weighs users equally")
     noise: Literal["discrete_gaussian", "skellam"] = "discrete_gaussian"

@@ -94,12 +94,22 @@ class Scenario(Strict):
                 and privacy.clip_norm > secure.clip_range:
             raise ValueError("privacy.clip_norm: must be <= secure_aggregation.clip_range so that clipped updates are not "
                              "clipped again and their rounding stays within its norm bound; lower it or raise clip_range")
+        if privacy is not None and privacy.control_clip_norm is not None and self.strategy.name != "scaffold":
+            raise ValueError("privacy.control_clip_norm: only SCAFFOLD sends control deltas; remove it or set "
+                             "strategy.name: scaffold")
         if self.aggregation.rule in ("krum", "multikrum") and self.sampling.kind == "uniform":
             n, f = self.sampling.clients_per_round, self.aggregation.byzantine
             if n <= 2 * f + 2:
                 raise ValueError(f"aggregation.byzantine: Krum needs n > 2f + 2 clients per round (got n={n}, f={f}); "
                                  "lower aggregation.byzantine or raise sampling.clients_per_round")
         return self
+
+    @property
+    def seals_client_state(self) -> bool:
+        """Whether the server keeps clients' state rows (SCAFFOLD's c_i, residuals, personal rows) sealed by
+        each client: under secure aggregation, and under the central and distributed DP mechanisms, whose
+        guarantee covers only what the server noises (``privacy.secagg.sealed_state``)."""
+        return self.secure_aggregation is not None or (self.privacy is not None and self.privacy.mechanism != "local")
 
     @property
     def over_selected(self) -> bool:

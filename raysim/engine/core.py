@@ -67,8 +67,8 @@ class ServerCore:
         self.global_vec = flat.numpy()
         self.dim = int(self.global_vec.size)
         self.evaluator = Evaluator(scenario, model, flat, x_test, y_test, num_classes)
-        # Under secure aggregation clients' state rows are kept sealed, two header words wider.
-        self.state_width = self.dim if scenario.secure_aggregation is None else sealed_width(self.dim)
+        # Under secure aggregation or central/distributed DP clients' state rows are kept sealed, two header words wider.
+        self.state_width = sealed_width(self.dim) if scenario.seals_client_state else self.dim
         self.state_dir = state_dir
         store = self._store("client_state") if scenario.strategy.name == "scaffold" else None
         self.strategy = make_strategy(scenario.strategy, num_clients=scenario.num_clients, dim=self.dim, store=store)
@@ -80,8 +80,8 @@ class ServerCore:
                 self.personal_index = personal_indices(model, scenario.personalization)
             width = personal_width(scenario.personalization, self.dim, self.personal_index)
             if width:
-                self.personal = self._store("personal", width if scenario.secure_aggregation is None
-                                            else sealed_width(width))
+                self.personal = self._store("personal", sealed_width(width) if scenario.seals_client_state
+                                            else width)
         self.pipeline = build_pipeline(scenario, num_classes, personal_index=self.personal_index)  # its server halves
         self.central_dp = self.local_dp = None
         if scenario.privacy is not None:
@@ -114,7 +114,7 @@ class ServerCore:
         kept_rate = denominator_rate(scenario)  # the accountant gets the worst-case participation rate
         self.central_dp = CentralDP(privacy, sample_rate=scenario.sample_rate, rounds=scenario.rounds,
                                     total_weight=dp_total_weight, expected_cohort=kept_rate * scenario.num_clients,
-                                    denominator_rate=kept_rate)
+                                    denominator_rate=kept_rate, blocks=2 if scenario.strategy.name == "scaffold" else 1)
 
     def stores(self) -> list:
         return [store for store in (getattr(self.strategy, "store", None), self.residuals, self.personal)

@@ -31,6 +31,7 @@ class Reduction:
     rows: np.ndarray | None  # per-client updates (robust rules)
     state_deltas: np.ndarray | None  # SCAFFOLD's Δc_i, in the clear
     sealed_states: np.ndarray | None  # SCAFFOLD's new c_i, sealed
+    state_sum: np.ndarray | None  # Σ Δc_i over the chunks' sums (sealed c_i outside a secure sum)
     residuals: np.ndarray | None  # error feedback's new residuals
 
     @property
@@ -54,6 +55,15 @@ def _rows(chunks: Sequence[ChunkResult], name: str) -> np.ndarray | None:
     return np.concatenate([getattr(c, name) for c in chunks]) if getattr(chunks[0], name) is not None else None
 
 
+def _sum(chunks: Sequence[ChunkResult], name: str) -> np.ndarray | None:
+    if getattr(chunks[0], name) is None:
+        return None
+    total = np.zeros_like(getattr(chunks[0], name), dtype=np.float64)
+    for chunk in chunks:  # in the order given, as ``total``
+        total += getattr(chunk, name)
+    return total
+
+
 def reduce(chunks: Sequence[ChunkResult]) -> Reduction:
     """Reduce ``chunks`` (at least one) in the order given."""
     chunks = list(chunks)
@@ -64,7 +74,8 @@ def reduce(chunks: Sequence[ChunkResult]) -> Reduction:
     return Reduction(chunks=chunks, client_ids=np.concatenate([c.client_ids for c in chunks]),
                      weights=np.concatenate([c.weights for c in chunks]), losses=np.concatenate([c.losses for c in chunks]),
                      total=total, weight=weight, rows=_rows(chunks, "rows"), state_deltas=_rows(chunks, "state_deltas"),
-                     sealed_states=_rows(chunks, "sealed_states"), residuals=_rows(chunks, "residuals"))
+                     sealed_states=_rows(chunks, "sealed_states"), residuals=_rows(chunks, "residuals"),
+                     state_sum=_sum(chunks, "state_sum"))
 
 
 def update_metrics(reduction: Reduction, scenario: Scenario, dim: int, downloads: int) -> dict[str, Any]:

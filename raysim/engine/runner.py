@@ -338,7 +338,7 @@ CLIENT_KEY_FILE = "client_storage.key"
 
 
 def _client_storage_key(scenario: Scenario, run_dir: Path) -> bytes | None:
-    """The simulated clients' storage key, for secure runs whose clients keep state between rounds.
+    """The simulated clients' storage key, for secure or DP runs whose clients keep state between rounds.
 
     It seals SCAFFOLD's c_i and error-feedback residuals, which the server keeps (sealed_state.py). It is
     the simulated devices' storage, not a credential, and lives in the run folder (mode 0600) so that a
@@ -346,7 +346,7 @@ def _client_storage_key(scenario: Scenario, run_dir: Path) -> bytes | None:
     """
     stateful = scenario.strategy.name == "scaffold" or (scenario.compression is not None and scenario.compression.error_feedback) \
         or (scenario.personalization is not None and scenario.personalization.method != "finetune")
-    if scenario.secure_aggregation is None or not stateful:
+    if not scenario.seals_client_state or not stateful:
         return None
     path = run_dir / CLIENT_KEY_FILE
     if path.exists():

@@ -37,11 +37,16 @@ EMPTY_ROUNDS = {
 
 
 class CentralDP:
-    """DP-FedAvg's server state: the accountant (q = ``sample_rate``), qW (``denominator_rate``·W), the clip."""
+    """DP-FedAvg's server state: the accountant (q = ``sample_rate``), qW (``denominator_rate``·W), the clip.
+
+    ``blocks``: how many vectors each client releases under the one mechanism, each clipped to its own
+    bound (2 for DP-SCAFFOLD's Δy and Δc). Their concatenation, each block divided by its clip, has
+    sensitivity √blocks, so every block's noise is √blocks·z times its clip and the accountant steps with z.
+    """
 
     def __init__(self, config: PrivacyConfig, *, sample_rate: float, rounds: int, total_weight: float,
-                 expected_cohort: float, denominator_rate: float | None = None) -> None:
-        self.config, self.sample_rate = config, sample_rate
+                 expected_cohort: float, denominator_rate: float | None = None, blocks: int = 1) -> None:
+        self.config, self.sample_rate, self.blocks = config, sample_rate, blocks
         self.denominator_rate = sample_rate if denominator_rate is None else denominator_rate
         self.expected_weight = self.denominator_rate * total_weight  # qW, the fixed denominator
         self.expected_cohort = expected_cohort
@@ -69,6 +74,11 @@ class CentralDP:
         """z for the update; with adaptive clipping part of the budget goes to the count (z_Δ)."""
         return self.adaptive.update_noise_multiplier if self.adaptive is not None else self.noise_multiplier
 
+    @property
+    def block_noise_multiplier(self) -> float:
+        """The noise of each released block, in units of its clip: √blocks·z_Δ."""
+        return math.sqrt(self.blocks) * self.update_noise_multiplier
+
     def budget_check(self) -> BudgetCheck | None:
         """Whether one more round stays within the budget (None when there is no budget)."""
         if self.budget is None or self.noise_multiplier == 0:
@@ -85,13 +95,18 @@ class CentralDP:
         ``empty``: no update reached ``weighted_sum`` (it is zero), which the mechanism releases all the same.
         """
         clip = self.clip_norm
-        z = self.update_noise_multiplier if server_noise else 0.0
+        z = self.block_noise_multiplier if server_noise else 0.0
         mean = dp_fedavg_aggregate(weighted_sum, expected_total_weight=self.expected_weight, clip_norm=clip,
                                    noise_multiplier=z, rng=rng)
         self.account(empty=empty)
         if self.adaptive is not None:
             self.adaptive.step(unclipped_count=unclipped, cohort_size=self.expected_cohort, rng=rng)
         return mean.astype(np.float32)
+
+    def noise_sum(self, total: np.ndarray, clip_norm: float, rng: np.random.Generator) -> np.ndarray:
+        """A further block's sum (DP-SCAFFOLD's Σ Δc_i, each clipped to ``clip_norm``) plus N(0, (√blocks·z·clip)²)."""
+        sigma = self.block_noise_multiplier * clip_norm
+        return total + rng.standard_normal(total.shape) * sigma if sigma > 0 else total
 
     def account(self, *, empty: bool) -> None:
         """Step the accountant for one round with (z, q); ``empty`` counts a round that aggregated no update."""
@@ -101,7 +116,7 @@ class CentralDP:
     def metrics(self) -> dict[str, float]:
         return {"epsilon": self.accountant.epsilon(), "dp_noise_multiplier": self.noise_multiplier,
                 "dp_clip_norm": self.clip_norm,
-                "dp_noise_stddev": noise_stddev(clip_norm=self.clip_norm, noise_multiplier=self.update_noise_multiplier,
+                "dp_noise_stddev": noise_stddev(clip_norm=self.clip_norm, noise_multiplier=self.block_noise_multiplier,
                                                 expected_total_weight=self.expected_weight)}
 
     def report(self, mechanism: str, rounds: int, sampling: str, assumption: str) -> dict[str, Any]:
@@ -115,6 +130,10 @@ class CentralDP:
             "accountant": self.config.accountant, "delta": self.config.delta,
             "epsilon": self.accountant.epsilon(), "sampling": sampling, "sampling_assumption": assumption,
             "empty_rounds": self.empty_rounds, "empty_round_accounting": EMPTY_ROUNDS[mechanism],
+            **({} if self.blocks == 1 else {
+                "noised_blocks": "Δy and SCAFFOLD's Δc, each clipped (clip_norm, control_clip_norm) and noised at "
+                                 f"√2·z = {self.block_noise_multiplier:.4g} times its clip, accounted as one "
+                                 "mechanism at z", "control_clip_norm": self.config.control_clip_norm or self.config.clip_norm}),
         }
 
 
