@@ -131,6 +131,7 @@ PINNED = [
     (("quantize or sign compression", "secure aggregation"), "not_built"),
     (("the shared random mask", "SCAFFOLD under secure aggregation"), "not_built"),
     (("compression", "distributed DP"), "not_built"),
+    (("downlink compression", "asynchronous modes"), "not_built"),
     (("the leakage lab", "text data"), "not_built"),
     (("the leakage lab", "asynchronous modes"), "not_built"),
     (("attacks", "text data"), "not_built"),

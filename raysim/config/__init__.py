@@ -12,7 +12,7 @@ models or secure aggregation run after it, in ``raysim.engine.validation``.
 """
 
 from raysim.config.blocks import (TEXT_SOURCES, AdaptiveClippingConfig, AdversaryConfig, AggregationConfig,
-                                  AsyncConfig, Availability, CheckpointConfig, CompressionConfig, DataConfig,
+                                  AsyncConfig, Availability, CheckpointConfig, CompressionConfig, DataConfig, DownlinkConfig,
                                   Distribution, EvaluationConfig, ExecutorConfig, FaultsConfig, LoraConfig,
                                   LeakageConfig, ModelConfig, OutputConfig, PartitionConfig, PersonalizationConfig, PrivacyConfig, SamplingConfig,
                                   SecureAggregationConfig, StalenessConfig, StrategyConfig, SystemConfig, HEConfig,
@@ -24,7 +24,7 @@ from raysim.config.yaml_safety import safe_yaml
 
 __all__ = [
     "TEXT_SOURCES", "AdaptiveClippingConfig", "AdversaryConfig", "AggregationConfig", "AsyncConfig", "Availability",
-    "CheckpointConfig", "CompressionConfig", "DataConfig", "Distribution", "EvaluationConfig", "ExecutorConfig",
+    "CheckpointConfig", "CompressionConfig", "DataConfig", "DownlinkConfig", "Distribution", "EvaluationConfig", "ExecutorConfig",
     "FaultsConfig", "LeakageConfig", "LoraConfig", "ModelConfig", "OutputConfig", "PartitionConfig", "PersonalizationConfig", "PrivacyConfig",
     "HEConfig", "SamplingConfig", "Scenario", "SecureAggregationConfig", "StalenessConfig", "StrategyConfig", "SystemConfig",
     "TinyTransformerConfig", "TrackingConfig", "TrainingConfig", "apply_overrides", "check_known_path",

@@ -631,6 +631,27 @@ class CompressionConfig(Strict):
     error_feedback: bool = Field(False, description="keep each client's residual and add it next time")
 
 
+class DownlinkConfig(Strict):
+    """Server → client compression of the broadcast model (``raysim.compression.downlink``).
+
+    ``of: model`` quantizes the whole model every round; ``of: delta`` sends the change of the clients'
+    replica, with error feedback on the server.
+    """
+
+    of: Literal["model", "delta"] = "delta"
+    kind: Literal["quantize", "topk", "randk", "sign"] = "quantize"
+    fraction: float = Field(0.1, gt=0.0, le=1.0, description="top-k, random-k: fraction kept")
+    bits: int = Field(8, ge=1, le=16, description="quantize: bits per coordinate")
+    stochastic: bool = Field(True, description="quantize: unbiased stochastic rounding")
+
+    @model_validator(mode="after")
+    def _whole_model(self) -> DownlinkConfig:
+        if self.of == "model" and self.kind != "quantize":
+            raise ValueError(f"downlink.kind: a model sent whole needs every coordinate, which only quantize keeps "
+                             f"(got {self.kind}); use kind: quantize, or of: delta")
+        return self
+
+
 class LeakageConfig(Strict):
     """The leakage lab (``raysim.adversary.lab``): the rounds whose server view is written to the run folder
     for ``raysim attack``."""

@@ -276,6 +276,11 @@ ROWS: tuple[Exclusion, ...] = (
               "yet", "use privacy.mechanism: central or local, or remove compression",
               lambda s: _compression(s) and _dp(s, "distributed"),
               {"compression.kind": "random_mask", "privacy.mechanism": "distributed", "secure_aggregation": {}}),
+    Exclusion(("downlink compression", "asynchronous modes"), "not_built", "downlink",
+              "async clients start from the model version they are launched at, and a compressed broadcast per "
+              "version is not built", "remove the downlink block",
+              lambda s: s.downlink is not None and _async(s),
+              {**_FEDBUFF, "downlink": {}}),
     Exclusion(("the leakage lab", "text data"), "not_built", "leakage",
               "gradient inversion and membership inference are built for classification of numeric or image samples",
               "remove the block",

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from raysim.config import compat
 from raysim.config.blocks import (AdversaryConfig, AggregationConfig, AsyncConfig, CheckpointConfig,
-                                  CompressionConfig, DataConfig, EvaluationConfig, ExecutorConfig, FaultsConfig,
+                                  CompressionConfig, DataConfig, DownlinkConfig, EvaluationConfig, ExecutorConfig, FaultsConfig,
                                   LeakageConfig, ModelConfig, OutputConfig, PartitionConfig, PersonalizationConfig, PrivacyConfig, SamplingConfig,
                                   SecureAggregationConfig, StrategyConfig, Strict, SystemConfig, TrackingConfig,
                                   TrainingConfig)
@@ -52,6 +52,7 @@ class Scenario(Strict):
     faults: FaultsConfig | None = None
     aggregation: AggregationConfig = AggregationConfig()
     compression: CompressionConfig | None = None
+    downlink: DownlinkConfig | None = None
     adversary: AdversaryConfig | None = None
     personalization: PersonalizationConfig | None = None
     leakage: LeakageConfig | None = None

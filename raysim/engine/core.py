@@ -20,6 +20,8 @@ from raysim.client.personal import PRIVACY_NOTE, personal_indices
 from raysim.client.personal import state_width as personal_width
 from raysim.client.pipeline import Released
 from raysim.client.state import make_state_store
+from raysim.compression import dense_bytes
+from raysim.compression.downlink import Downlink
 from raysim.config import Scenario
 from raysim.engine import checkpoint
 from raysim.engine.evaluation import Evaluator
@@ -92,6 +94,17 @@ class ServerCore:
         self.failures = WorkerFailures(scenario.executor.max_worker_failures, prepared)  # re-prepares restarted workers
         self.totals = {"bytes_up_total": 0, "bytes_down_total": 0, "worker_failures_total": 0,
                        "client_errors_total": 0, "rejected_total": 0}
+        self.downlink = None if scenario.downlink is None else \
+            Downlink(scenario.downlink, self.dim, scenario.num_clients, scenario.seed)
+        self.sent, self.sent_bytes = self.global_vec, None  # this round's broadcast and its bytes down (downlink)
+
+    def broadcast(self, client_ids: np.ndarray) -> np.ndarray:
+        """The model ``client_ids`` train from this round: the global one, or its downlink-compressed x̂."""
+        if self.downlink is None:
+            self.sent = self.global_vec
+        else:
+            self.sent, self.sent_bytes = self.downlink.broadcast(self.global_vec, client_ids)
+        return self.sent
 
     def _store(self, name: str, width: int | None = None):
         """A per-client state store of ``strategy.state_store``'s kind (SCAFFOLD's in ``state_dir`` itself), of
@@ -124,6 +137,8 @@ class ServerCore:
         """The per-update metrics of ``reduction``; adds them to the totals and keeps the clients' new state."""
         downloads = 1 if self.strategy.server_state() is None else 2
         out = update_metrics(reduction, self.scenario, self.dim, downloads)
+        if self.downlink is not None:  # the model's message, then SCAFFOLD's c dense
+            out["bytes_down"] = self.sent_bytes + (downloads - 1) * dense_bytes(self.dim) * len(reduction.client_ids)
         self.totals["rejected_total"] += out["rejected"]
         self.totals["client_errors_total"] += out["client_errors"]
         self.totals["bytes_up_total"] += out.get("bytes_up", 0)
@@ -216,12 +231,15 @@ class ServerCore:
             getattr(store, "flush", lambda: None)()
         return {"global_vec": self.global_vec, "strategy": self.strategy, "central_dp": self.central_dp,
                 "local_dp": self.local_dp, "residuals": self.residuals, "personal": self.personal,
-                "totals": self.totals, "failures": self.failures.count}
+                "totals": self.totals, "failures": self.failures.count,
+                "downlink": None if self.downlink is None else self.downlink.state_dict()}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.global_vec, self.strategy, self.central_dp = state["global_vec"], state["strategy"], state["central_dp"]
         self.local_dp, self.residuals, self.personal = state["local_dp"], state["residuals"], state.get("personal")
         self.totals, self.failures.count = state["totals"], state["failures"]
+        if self.downlink is not None:
+            self.downlink.load_state_dict(state["downlink"])
 
     def close(self) -> None:
         """Flush what outlives the run: the disk-backed client state stores' indexes."""

@@ -124,7 +124,7 @@ class RoundServer(CoreServer):
         """Train the sampled clients and step the model; a round whose secure aggregation lost a worker
         (and with it its clients' secrets) is run again from the start, with a fresh session."""
         core = self.core
-        global_ref = ray.put(core.global_vec)
+        global_ref = ray.put(core.broadcast(sampled))
         server_state = core.strategy.server_state()
         state_ref = None if server_state is None else ray.put(server_state)
         while True:
@@ -214,7 +214,7 @@ class RoundServer(CoreServer):
         released = core.pipeline.server(Released(None, None, np.zeros(0, dtype=bool)), context)
         leakage = self.scenario.leakage
         if leakage is not None and round_index + 1 in leakage.rounds and core.run_dir is not None:
-            view_of_round(round_index + 1, core.global_vec.copy(), reduction, secure, released).save(core.run_dir)
+            view_of_round(round_index + 1, np.array(core.sent), reduction, secure, released).save(core.run_dir)
         core.step(released, reduction.client_ids, f"round {round_index + 1}")
         out.update(released.metrics)
         return out
