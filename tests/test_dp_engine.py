@@ -67,6 +67,23 @@ def test_every_clients_delta_respects_the_clip_bound():
         assert chunk.unclipped == 0  # three epochs at lr 0.5 move much further than 0.05
 
 
+@pytest.mark.parametrize(("mu", "bounded"), [(10.0, True), (0.0, False)])
+def test_local_dp_sgd_takes_fedprox_s_proximal_term_in_every_private_step(mu, bounded):
+    # With lr·μ = 1 each step w ← w − lr·(g̃ + μ(w − w_t)) lands at w_t − lr·g̃: whatever the number of steps,
+    # the delta is one noise-free step of per-sample gradients clipped to 1, so its norm is at most lr.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 4)).astype(np.float32), rng.integers(0, 3, 60)
+    scenario = parse_scenario({"num_clients": 6, "sampling": {"clients_per_round": 6}, "model": {"kind": "mlp", "hidden": [8]},
+                               "strategy": {"name": "fedprox", "mu": mu}, "training": {"lr": 0.1, "epochs": 3, "batch_size": 4},
+                               "privacy": {"mechanism": "local", "noise_multiplier": 0.0, "clip_norm": 1.0}})
+    worker = ClientWorker.local(scenario, x, y, np.arange(60), np.arange(0, 61, 10), (4,), 3)
+    global_vec = worker.runtime.flat.numpy()
+    chunk = worker.train(global_vec, None, 0, RoundPlan(per_client=True), 0,
+                         ClientBatch(np.arange(6), np.full(6, 3), dp_states=[None] * 6))
+    norms = np.linalg.norm(chunk.rows, axis=1)
+    assert (norms <= 0.1 * (1 + 1e-5)).all() == bounded and norms.max() > 0.02
+
+
 def test_with_compression_what_a_client_sends_is_clipped_after_it_is_compressed():
     """Compress, then clip: a 2-bit stochastic quantizer can round a vector's norm up past S, so only this
     order keeps every sent update within S; the rows are still quantized (few distinct values)."""
@@ -221,6 +238,18 @@ def test_local_dp_sgd_with_a_target_epsilon_spends_it_on_a_client_of_every_round
     assert "1/3" in block["noise_solved"]
 
 
+def test_local_dp_scaffold_corrects_every_private_step_and_costs_no_epsilon(ray_session, tiny_scenario):
+    local = ["num_clients=20", "sampling.clients_per_round=10", "privacy.mechanism=local", "privacy.noise_multiplier=1.0"]
+    fedavg = raysim.run(tiny_scenario, overrides=[*local, "name=ldp"])
+    scaffold = raysim.run(tiny_scenario, overrides=[*local, "strategy.name=scaffold", "name=ldp_sc"])
+    one = raysim.run(tiny_scenario, overrides=[*local, "strategy.name=scaffold", "name=ldp_sc1", "executor.num_workers=1"])
+    assert np.array_equal(scaffold.global_vector, one.global_vector)
+    assert np.abs(scaffold.global_vector - fedavg.global_vector).max() > 1e-3  # rounds 2 and 3 are corrected
+    # Δc_i is post-processing of the private trajectory: every client's accountant is exactly FedAvg's.
+    assert [m["epsilon_max"] for m in scaffold.history] == [m["epsilon_max"] for m in fedavg.history]
+    assert [m["epsilon_mean"] for m in scaffold.history] == [m["epsilon_mean"] for m in fedavg.history]
+
+
 def test_distributed_dp_noise_travels_inside_the_secure_sum(ray_session, tiny_scenario):
     result = raysim.run(tiny_scenario, overrides=[*DISTRIBUTED, "secure_aggregation.diagnostics=true"])
     last = result.history[-1]
@@ -260,7 +289,6 @@ def test_over_selection_is_accounted_at_the_worst_case_participation_rate(ray_se
     (["sampling.kind=poisson", "sampling.rate=1.5"], "sampling.rate"),
     (["sampling.kind=poisson", "sampling.rate=0"], "sampling.rate"),
     (["privacy.mechanism=distributed"], "privacy.mechanism"),
-    (["privacy.mechanism=local", "strategy.name=scaffold"], "privacy.mechanism"),
     (["privacy.mechanism=central", "privacy.control_clip_norm=1"], "privacy.control_clip_norm"),
 ])
 def test_bad_privacy_settings_name_their_field(tiny_scenario, overrides, field):

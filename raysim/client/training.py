@@ -11,6 +11,7 @@ is a dropout (counted in ``failed``), not the end of the run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -97,13 +98,15 @@ class LocalTraining(Stage):
             return train_client(runtime.model, runtime.flat, runtime.optimizer, x, y, epochs=epochs,
                                 batch_size=training.batch_size, rng=rng, task=runtime.task,
                                 hook=self.strategy.gradient_hook(chunk.global_t, chunk.control, own))
-        result = self._train_dp_sgd(x, y, epochs, chunk.batch.dp_states[k], rng)
+        result = self._train_dp_sgd(x, y, epochs, chunk.batch.dp_states[k], rng,
+                                    self.strategy.gradient_hook(chunk.global_t, chunk.control, own))
         chunk.dp_states[k], chunk.epsilons[k] = result.accountant_state, result.epsilon
         return result
 
     def _train_dp_sgd(self, x: torch.Tensor, y: torch.Tensor, epochs: int, state: dict | None,
-                      rng: np.random.Generator):
-        """Local DP-SGD through Opacus; the client's accountant continues from ``state``."""
+                      rng: np.random.Generator, hook: Callable[[torch.Tensor, torch.Tensor], Any] | None = None):
+        """Local DP-SGD through Opacus; the client's accountant continues from ``state``. The strategy's
+        ``hook`` (FedProx, SCAFFOLD) joins each private step as its data-free term."""
         from raysim.privacy.dp.local_dpsgd import train_dp_sgd  # Opacus loads only in runs that use it
 
         privacy, training, runtime = self.scenario.privacy, self.scenario.training, self.runtime
@@ -112,9 +115,20 @@ class LocalTraining(Stage):
             noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.clip_norm, accountant_state=state,
             delta=privacy.delta, seed=int(rng.integers(2**63)), device=str(runtime.device),
             accountant=privacy.accountant, loss_fn=runtime.task.loss,
+            step_term=None if hook is None else self._step_term(hook, training.lr),
         )
         runtime.flat.rebind_grads()  # Opacus leaves .grad unset; point it back into the flat buffer
         return result
+
+    def _step_term(self, hook: Callable[[torch.Tensor, torch.Tensor], Any], lr: float) -> Callable[[], Callable[[], None]]:
+        """``hook``'s term h(w) at the weights before a step, applied after it as w −= lr·h(w)."""
+        weights = self.runtime.flat.vector
+
+        def before() -> Callable[[], None]:
+            term = torch.zeros_like(weights)
+            hook(term, weights)
+            return lambda: weights.sub_(term, alpha=lr)
+        return before
 
 
 class VectorizedTraining(LocalTraining):

@@ -6,6 +6,13 @@ step. The sample rate is Opacus's ``1 / ceil(n / batch_size)`` (= batch_size / n
 divides n), which is both the rate the Poisson loader draws with and the rate the
 accountant is stepped with, and an epoch is ``ceil(n / batch_size)`` steps.
 
+A strategy's data-free term (FedProx's proximal gradient μ(w − w_t), SCAFFOLD's correction c − c_i) joins
+each private step as ``step_term``: it is evaluated at the weights before the step and applied with the
+noised gradient, so the step is SGD on g̃ + h(w). It reads no example, so the steps stay the same
+sequence of subsampled Gaussian mechanisms and the accounting is unchanged (this is how Noble et al.,
+AISTATS 2022, privatize SCAFFOLD with sample-level DP: DP-SCAFFOLD's Δc_i is post-processing of the
+private trajectory).
+
 Each client owns an accountant whose history persists across rounds: the caller passes the
 picklable state in and stores the one that comes back. The worker reuses one model across
 clients, so the module is trained in place and Opacus's hooks and per-parameter attributes
@@ -83,13 +90,15 @@ def train_dp_sgd(
     device: str = "cpu",
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     accountant: str = "rdp",
+    step_term: Callable[[], Callable[[], None]] | None = None,
 ) -> DPSGDResult:
     """Train ``model`` (already on ``device``) in place with DP-SGD and return the client's updated accountant.
 
     ``x``/``y`` are the client's examples (numpy, possibly read-only, or tensors). Trainable
     parameters are those with ``requires_grad``; frozen ones are left alone.
     ``accountant_state`` is the ``accountant_state`` of this client's previous result, or
-    None the first time it trains; ``accountant`` ("rdp" or "prv") must match it. RDP is
+    None the first time it trains; ``accountant`` ("rdp" or "prv") must match it. ``step_term``, called
+    before each step, returns what applies the strategy's term after it (see the module's docstring). RDP is
     the cheap choice per client (its per-step curve is memoised per (z, q)); PRV recomputes
     its FFT composition on every call (~0.1–0.5 s).
     """
@@ -126,7 +135,7 @@ def train_dp_sgd(
     try:
         steps, mean_loss = _run_epochs(
             private_model, private_optimizer, private_loader, epochs=epochs, device=device,
-            loss_fn=loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss(),
+            loss_fn=loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss(), step_term=step_term,
         )
     finally:
         private_model.cleanup()  # removes Opacus's hooks and its per-parameter attributes from ``model``
@@ -151,6 +160,7 @@ def _run_epochs(
     epochs: int,
     device: str,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    step_term: Callable[[], Callable[[], None]] | None = None,
 ) -> tuple[int, float]:
     """The plain training loop over Poisson batches; the private optimizer clips, noises and steps the accountant."""
     steps, loss_sum, loss_batches = 0, torch.zeros((), device=device), 0
@@ -163,7 +173,10 @@ def _run_epochs(
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
+                apply_term = None if step_term is None else step_term()  # at the weights before the step
                 optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
+                if apply_term is not None:
+                    apply_term()
                 steps += 1
                 if len(xb):
                     loss_sum += loss.detach()
