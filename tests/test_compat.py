@@ -128,7 +128,6 @@ PINNED = [
     (("top-k or random-k compression", "secure aggregation"), "nature"),
     (("quantize or sign compression", "secure aggregation"), "not_built"),
     (("the shared random mask", "SCAFFOLD under secure aggregation"), "not_built"),
-    (("compression", "distributed DP"), "not_built"),
     (("downlink compression", "asynchronous modes"), "not_built"),
     (("the leakage lab", "text data"), "not_built"),
     (("the leakage lab", "asynchronous modes"), "not_built"),

@@ -137,10 +137,6 @@ def test_attacks_are_deterministic_under_the_seed_and_report_backdoor_accuracy(t
     ({"aggregation": {"rule": "median"}, "secure_aggregation": {}}, "aggregation.rule"),
     ({"aggregation": {"rule": "krum", "byzantine": 9}}, "aggregation.byzantine"),
     ({"compression": {"kind": "topk"}, "secure_aggregation": {}}, "compression.kind"),
-    ({"compression": {"kind": "quantize", "error_feedback": True},
-      "privacy": {"mechanism": "central", "noise_multiplier": 1.0}}, "compression.error_feedback"),
-    ({"compression": {"kind": "random_mask"}, "secure_aggregation": {},
-      "privacy": {"mechanism": "distributed", "noise_multiplier": 1.0}}, "compression.kind"),
     ({"adversary": {"attack": "backdoor", "target_label": 7}}, "adversary.target_label"),
     ({"adversary": {"attack": "backdoor", "trigger_size": 17}}, "adversary.trigger_size"),
 ])

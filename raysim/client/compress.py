@@ -6,7 +6,9 @@ lost becomes the client's new residual (error feedback, Seide et al. 2014; Karim
 The message's bytes are counted. In async modes the clients that start from one model version share
 that version's mask, and a client's residual is read when it is launched and written back when its
 update is used. Server half: under secure aggregation with the shared random mask
-only the mask's k coordinates enter the protocol, and their sums go back to those coordinates.
+only the mask's k coordinates enter the protocol, and their sums (and under DP their noised mean: the
+other d − k coordinates are zero in every update, by a public mask, so they need no noise) go back to
+those coordinates. Under distributed DP the clients' discrete noise is sized to the k words' sensitivity.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from raysim.client.pipeline import Chunk, ClientUpdate, Released, Stage
 from raysim.client.train import client_rng
-from raysim.compression import CompressionSpec, compress_with_feedback, shared_mask_indices
+from raysim.compression import CompressionSpec, compress_roundtrip, compress_with_feedback, shared_mask_indices
 from raysim.config import CompressionConfig, Scenario
 
 
@@ -41,10 +43,13 @@ class Compression(Stage):
         k = update.position
         residual = None if chunk.residuals is None else chunk.residuals[k]
         rng = client_rng(self.seed, chunk.round_index, update.client_id, stream=17)
-        sent, residual, update.bytes_up = compress_with_feedback(
-            update.delta.cpu().numpy(), residual, self.spec, rng, shared_seed=chunk.plan.mask_seed)
-        if chunk.residuals is not None:
-            chunk.residuals[k] = residual
+        delta = update.delta.cpu().numpy()
+        if chunk.residuals is None:  # no error feedback: the unbiased kinds keep their d/k scaling
+            sent, update.bytes_up = compress_roundtrip(np.ravel(delta).astype(np.float32), self.spec, rng,
+                                                       chunk.plan.mask_seed)
+        else:
+            sent, chunk.residuals[k], update.bytes_up = compress_with_feedback(
+                delta, residual, self.spec, rng, shared_seed=chunk.plan.mask_seed)
         update.delta = torch.from_numpy(sent).to(update.delta.device)
         return True
 
@@ -52,9 +57,14 @@ class Compression(Stage):
         mask_seed = context.plan.mask_seed
         if context.plan.secure is None or mask_seed is None or released.total is None:
             return released
+        mask = self.mask(context.dim, mask_seed)
         total = np.zeros(context.dim, dtype=np.float64)
-        total[self.mask(context.dim, mask_seed)] = released.total
+        total[mask] = released.total
         released.total = total
+        if released.mean is not None and released.mean.size == mask.size:  # DP's mean of the k coordinates
+            mean = np.zeros(context.dim, dtype=released.mean.dtype)
+            mean[mask] = released.mean
+            released.mean = mean
         return released
 
     def mask(self, dim: int, mask_seed: int) -> np.ndarray:

@@ -64,7 +64,8 @@ class DPClip(Stage):
 
             released.metrics["dp_effective_noise_multiplier"] = effective_distributed_z(
                 dp.update_noise_multiplier, contributors, secure.params.threshold)
-            released.metrics["dp_l2_sensitivity"] = ring_sensitivity(dp.clip_norm, secure, context.dim)
+            words = context.dim if released.total is None else released.total.size  # k under the shared random mask
+            released.metrics["dp_l2_sensitivity"] = ring_sensitivity(dp.clip_norm, secure, words)
         total = np.zeros(context.dim, dtype=np.float64) if released.total is None else released.total
         released.mean = dp.aggregate(total, unclipped=0 if reduction is None else reduction.unclipped, empty=empty,
                                      rng=np.random.default_rng([context.seed, context.round_index, 13]),

@@ -265,11 +265,6 @@ ROWS: tuple[Exclusion, ...] = (
               lambda s: _compression(s, "random_mask") and s.secure_aggregation is not None
               and s.strategy.name == "scaffold",
               {"compression.kind": "random_mask", "secure_aggregation": {}, "strategy.name": "scaffold"}),
-    Exclusion(("compression", "distributed DP"), "not_built", "compression.kind",
-              "compression under distributed DP (the shared random mask inside the noised secure sum) is not built "
-              "yet", "use privacy.mechanism: central or local, or remove compression",
-              lambda s: _compression(s) and _dp(s, "distributed"),
-              {"compression.kind": "random_mask", "privacy.mechanism": "distributed", "secure_aggregation": {}}),
     Exclusion(("downlink compression", "asynchronous modes"), "not_built", "downlink",
               "async clients start from the model version they are launched at, and a compressed broadcast per "
               "version is not built", "remove the downlink block",

@@ -42,9 +42,13 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def _check_int_range(value: Any, where: str) -> None:
     """Refuse integers beyond int64, which no count, size or seed can be: unbounded fields such as
-    training.batch_size would otherwise take 10^400 and fail deep inside a worker."""
+    training.batch_size would otherwise take 10^400 and fail deep inside a worker; and keys that are not
+    strings, which pydantic would meet as keyword arguments."""
     if isinstance(value, dict):
         for key, child in value.items():
+            if not isinstance(key, str):  # YAML's `null:` or `1:`; every scenario key is a name
+                raise ScenarioError(f"{shown_text(where or 'scenario')}: the key {shown(key)} is not a name; "
+                                    "scenario keys are words such as kind or rounds")
             _check_int_range(child, f"{where}.{key}" if where else str(key))
     elif isinstance(value, list):
         for child in value:

@@ -174,7 +174,7 @@ class RoundServer(CoreServer):
         noise_variance = 0.0
         if privacy.mechanism == "distributed":
             # Any t survivors must carry variance (z·Δ₂)² in ring units, Δ₂ the conditional rounding's bound.
-            sensitivity = ring_sensitivity(dp.clip_norm, secure, self.core.dim)
+            sensitivity = ring_sensitivity(dp.clip_norm, secure, self._secure_dim(common["mask_seed"]))
             noise_variance = per_client_variance(target_variance(dp.update_noise_multiplier, sensitivity),
                                                  secure.params.threshold)
         return RoundPlan(secure=secure, clip_norm=dp.clip_norm, weight_cap=privacy.weight_cap,
@@ -184,13 +184,17 @@ class RoundServer(CoreServer):
                     round_index: int) -> SecureSum:
         """The protocol over the kept clients, first, as it can lose a worker: nothing is changed until it is through."""
         owner = {int(u): placement[c.index] for c in chunks for u, w in zip(c.client_ids, c.weights) if w > 0}
-        compression = self.core.pipeline.find(Compression)
-        dim = self.core.dim if plan.mask_seed is None else compression.mask(self.core.dim, plan.mask_seed).size
-        result = secure_sum(self.core.workers, owner, plan.secure, dim, self.scenario.seed, round_index,
+        result = secure_sum(self.core.workers, owner, plan.secure, self._secure_dim(plan.mask_seed), self.scenario.seed, round_index,
                             self.core.he_public)
         if plan.secure.config.diagnostics:
             self.release = release_of(result, owner)
         return result
+
+    def _secure_dim(self, mask_seed: int | None) -> int:
+        """Words of the update in the secure sum: the model's, or the shared random mask's k coordinates."""
+        if mask_seed is None:
+            return self.core.dim
+        return self.core.pipeline.find(Compression).mask(self.core.dim, mask_seed).size
 
     def secure_release(self) -> SecureRelease | None:
         """The last secure round's released sum and survivors, for the driver's diagnostics (then forgotten)."""
