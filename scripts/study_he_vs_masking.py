@@ -29,7 +29,7 @@ import json
 import math
 from typing import Any
 
-from studylib import command_line, local_ray, provenance, pyplot, run_once, study_parser, write_report
+from studylib import command_line, local_ray, provenance, pyplot, run_once, saved_results, study_parser, write_report
 
 BACKENDS: dict[str, dict[str, Any] | None] = {
     "plain": None,
@@ -142,11 +142,8 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true",
                         help="add these cells to <out>/he_vs_masking.json (replacing the same cells), skip the accuracy runs")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    saved = args.out / "he_vs_masking.json"
-    if args.replot:
-        data = json.loads(saved.read_text())
-    else:
+
+    def run() -> dict[str, Any]:
         with local_ray(single_thread=True) as session:
             cells = [cost_cell(n, m, 0.0 if backend == "plain" else d, args.rounds, backend)
                      for m in args.words for n in args.clients for d in args.dropouts for backend in args.backends
@@ -155,16 +152,17 @@ def main() -> None:
             if not args.merge:
                 n, m, d = args.accuracy_cell
                 accuracy = accuracy_runs(int(n), int(m), d, args.accuracy_rounds)
-        if args.merge:
-            data = json.loads(saved.read_text())
-            key = lambda r: (r["backend"], r["clients"], r["words"], r["dropout"])  # noqa: E731
-            new = {key(r) for r in rows}
-            data["rows"] = [r for r in data["rows"] if key(r) not in new] + rows
-            data["provenance"] += f"\n\nMerged in: `{command_line()}` ({provenance(command_line(), session).split('. ', 1)[1]})"
-        else:
-            data = {"rows": rows, "accuracy": accuracy, "accuracy_cell": args.accuracy_cell,
+        if not args.merge:
+            return {"rows": rows, "accuracy": accuracy, "accuracy_cell": args.accuracy_cell,
                     "accuracy_rounds": args.accuracy_rounds, "provenance": provenance(command_line(), session)}
-        saved.write_text(json.dumps(data, indent=1))
+        data = json.loads((args.out / args.results_file).read_text())
+        key = lambda r: (r["backend"], r["clients"], r["words"], r["dropout"])  # noqa: E731
+        new = {key(r) for r in rows}
+        data["rows"] = [r for r in data["rows"] if key(r) not in new] + rows
+        data["provenance"] += f"\n\nMerged in: `{command_line()}` ({provenance(command_line(), session).split('. ', 1)[1]})"
+        return data
+
+    data = saved_results(args, run)
     rows, accuracy = data["rows"], data["accuracy"]
     n, m, d = data["accuracy_cell"]
     accuracy_lines = "\n".join(f"| {name} | {value:.4f} | {100 * (value - accuracy['plain FedAvg']):+.2f} |"

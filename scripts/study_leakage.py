@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from studylib import command_line, local_ray, provenance, pyplot, study_parser, write_report
+from studylib import command_line, local_ray, provenance, pyplot, saved_results, study_parser, write_report
 
 MODELS = {"mlp": {"kind": "mlp", "hidden": [32]}, "cnn": {"kind": "cnn", "channels": [4]}}
 DEFENCES: dict[str, dict[str, Any]] = {
@@ -194,19 +194,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--iterations", type=int, default=300)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    saved = args.out / "leakage.json"
-    if args.replot:
-        data = json.loads(saved.read_text())
-    else:
+
+    def run() -> dict[str, Any]:
         from raysim.engine.session import Session
 
         with local_ray(single_thread=True) as session, Session():
             inversion = [row for m in args.models for b in args.batches for s in args.steps for d in DEFENCES
                          for row in inversion_cell(m, b, s, d, args.iterations)]
             members = [membership_cell(data, d) for data in MEMBERSHIP_DATA for d in MEMBERSHIP_DEFENCES]
-        data = {"inversion": inversion, "membership": members, "provenance": provenance(command_line(), session)}
-        saved.write_text(json.dumps(data))
+        return {"inversion": inversion, "membership": members, "provenance": provenance(command_line(), session)}
+
+    data = saved_results(args, run)
     draw_grid(data["inversion"], args.out / "leakage_grid.png")
     draw_roc(data["membership"], args.out / "leakage_membership.png")
     write_report(args.out / "leakage.md", f"# Leakage: what the server can reconstruct and infer\n\n{data['provenance']}\n\n"

@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from studylib import command_line, local_ray, mean_std, provenance, pyplot, run_once, study_parser, write_report
+from studylib import (command_line, local_ray, mean_std, provenance, pyplot, run_once, saved_results, study_parser,
+                      write_report)
 
 METHODS: dict[str, dict[str, Any]] = {
     "FedAvg": {"method": "finetune", "finetune_epochs": 0},
@@ -121,15 +122,13 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    saved = args.out / "personalization.json"
-    if args.replot:
-        data = json.loads(saved.read_text())
-    else:
+
+    def run() -> dict[str, Any]:
         with local_ray(single_thread=True) as session:
             rows = run_grid(args.datasets, args.alphas, args.seeds, args.rounds)
-        data = {"rows": rows, "provenance": provenance(command_line(), session)}
-        saved.write_text(json.dumps(data))
+        return {"rows": rows, "provenance": provenance(command_line(), session)}
+
+    data = saved_results(args, run)
     rows = data["rows"]
     write_report(args.out / "personalization.md",
                  f"# Personalization: per-client accuracy under label skew\n\n{data['provenance']}\n\n"

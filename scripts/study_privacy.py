@@ -30,12 +30,11 @@ Usage: python scripts/study_privacy.py [--rounds 50] [--z 0.5 1 2 4 8] [--z-loca
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from studylib import local_ray, pyplot, run_once, study_parser, write_report
+from studylib import local_ray, pyplot, run_once, saved_results, study_parser, write_report
 
 DELTA = 1e-5
 SAMPLE_RATE = 0.01
@@ -188,18 +187,16 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=0.3, help="the fixed clip S of central DP-FedAvg")
     parser.add_argument("--local-clip", type=float, default=5.0, help="DP-SGD's per-example clip (max_grad_norm)")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    saved = args.out / "privacy.json"
-    if args.replot:
-        stored = json.loads(saved.read_text(encoding="utf-8"))
-        rows, rounds, minutes = stored["rows"], stored["rounds"], stored.get("minutes")
-        clip, local_clip = stored["clip"], stored["local_clip"]
-    else:
+
+    def run() -> dict[str, Any]:
         with local_ray() as session:
             rows = run_study(args.rounds, args.z, args.z_local, args.clip, args.local_clip)
-        rounds, clip, local_clip, minutes = args.rounds, args.clip, args.local_clip, session.minutes
-        saved.write_text(json.dumps({"rounds": rounds, "clip": clip, "local_clip": local_clip, "minutes": minutes,
-                                     "rows": rows}, indent=1), encoding="utf-8")
+        return {"rounds": args.rounds, "clip": args.clip, "local_clip": args.local_clip, "minutes": session.minutes,
+                "rows": rows}
+
+    stored = saved_results(args, run)
+    rows, rounds, minutes = stored["rows"], stored["rounds"], stored.get("minutes")
+    clip, local_clip = stored["clip"], stored["local_clip"]
     results_table = table(rows)
     print(results_table)
     setup = setup_text(rounds, clip, local_clip, minutes, rows)

@@ -1,19 +1,20 @@
-"""What the study scripts (``scripts/study_*.py``) share: their command line, a local Ray session, one run
-in a throw-away output folder, the provenance header of a report, and the Markdown report whose
-hand-written reading (everything below the reading marker) survives a rerun.
+"""What the study scripts (``scripts/study_*.py``) share: their command line and saved results (``--replot``),
+a local Ray session, one run in a throw-away output folder, the provenance header of a report, and the
+Markdown report whose hand-written reading (everything below the reading marker) survives a rerun.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,20 @@ def study_parser(doc: str, *, replot: str | None = None) -> argparse.ArgumentPar
     if replot is not None:
         parser.add_argument("--replot", action="store_true",
                             help=f"rebuild the report and plot from <out>/{replot} without training")
+        parser.set_defaults(results_file=replot)
     return parser
+
+
+def saved_results(args: argparse.Namespace, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The study's results: with ``--replot`` read from <out>/<its results file> (``study_parser``'s
+    ``replot``), else ``run()``'s, written there first."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = args.out / args.results_file
+    if args.replot:
+        return json.loads(saved.read_text(encoding="utf-8"))
+    data = run()
+    saved.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    return data
 
 
 @dataclass

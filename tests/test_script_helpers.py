@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from rss import MemorySampler, Usage, measure  # noqa: E402
-from studylib import mean_std, reading_marker, study_parser, write_report  # noqa: E402
+from studylib import mean_std, reading_marker, saved_results, study_parser, write_report  # noqa: E402
 
 
 def test_the_sampler_keeps_the_peak_and_hands_on_every_sample():
@@ -48,3 +49,12 @@ def test_the_parser_and_the_statistics():
     args = study_parser("A study.\n\nMore.", replot="x.json").parse_args(["--replot"])
     assert args.replot and args.out == Path("docs/studies")
     assert mean_std([1.0, 3.0]) == (2.0, 2.0 ** 0.5) and mean_std([4.0]) == (4.0, 0.0)
+
+
+def test_saved_results_run_and_save_then_replot_reads_without_running(tmp_path):
+    parser = study_parser("A study.", replot="x.json")
+    runs = []
+    first = saved_results(parser.parse_args(["--out", str(tmp_path / "out")]), lambda: runs.append(1) or {"rows": [1, 2]})
+    again = saved_results(parser.parse_args(["--out", str(tmp_path / "out"), "--replot"]), lambda: runs.append(1) or {})
+    assert first == again == {"rows": [1, 2]} and runs == [1]
+    assert json.loads((tmp_path / "out" / "x.json").read_text()) == {"rows": [1, 2]}
