@@ -45,8 +45,7 @@ class Compression(Stage):
         rng = client_rng(self.seed, chunk.round_index, update.client_id, stream=17)
         delta = update.delta.cpu().numpy()
         if chunk.residuals is None:  # no error feedback: the unbiased kinds keep their d/k scaling
-            sent, update.bytes_up = compress_roundtrip(np.ravel(delta).astype(np.float32), self.spec, rng,
-                                                       chunk.plan.mask_seed)
+            sent, update.bytes_up = compress_roundtrip(delta, self.spec, rng, chunk.plan.mask_seed)
         else:
             sent, chunk.residuals[k], update.bytes_up = compress_with_feedback(
                 delta, residual, self.spec, rng, shared_seed=chunk.plan.mask_seed)

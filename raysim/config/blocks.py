@@ -366,6 +366,11 @@ class EvaluationConfig(Strict):
     federated_clients: int = Field(20, ge=1)
     holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
 
+    @property
+    def held_out(self) -> float:
+        """The share of each client's samples it never trains on: ``holdout_fraction`` under federated evaluation."""
+        return self.holdout_fraction if self.federated else 0.0
+
 
 class ExecutorConfig(Strict):
     """The worker pool. One worker actor is one execution slot, never one client."""

@@ -155,8 +155,7 @@ def _local_noise(scenario: Scenario, sizes: np.ndarray) -> Any:
     from raysim.client.samples import train_sizes
     from raysim.privacy.dp.local_target import local_noise_for_target
 
-    holdout = scenario.evaluation.holdout_fraction if scenario.evaluation.federated else 0.0
-    return local_noise_for_target(privacy.target_epsilon, train_sizes(sizes, holdout),
+    return local_noise_for_target(privacy.target_epsilon, train_sizes(sizes, scenario.evaluation.held_out),
                                   batch_size=scenario.training.batch_size, epochs=scenario.training.epochs,
                                   rounds=scenario.rounds, delta=privacy.delta, accountant=privacy.accountant)
 

@@ -181,5 +181,4 @@ def client_system(scenario: Scenario, sizes: np.ndarray) -> ClientSystem | None:
         seed=scenario.seed, speed=config.speed, up_bw=config.up_bw, down_bw=config.down_bw,
         availability=config.availability, dropout=config.dropout, trace=trace,
     )
-    holdout = scenario.evaluation.holdout_fraction if scenario.evaluation.federated else 0.0
-    return ClientSystem(model=model, train_sizes=train_sizes(sizes, holdout))
+    return ClientSystem(model=model, train_sizes=train_sizes(sizes, scenario.evaluation.held_out))

@@ -120,7 +120,7 @@ class ClientWorker:
         self.vectorized = isinstance(self.pipeline.stages[0], VectorizedTraining)
         self.encoding: Encoding = self.pipeline.find(Encoding)
         self.x, self.y, self.indices, self.offsets = data
-        self.holdout = scenario.evaluation.holdout_fraction if scenario.evaluation.federated else 0.0
+        self.holdout = scenario.evaluation.held_out
 
     def release(self) -> None:
         """Drop the run's state, so the object store can free its data once the run ends."""
