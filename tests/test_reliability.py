@@ -217,9 +217,9 @@ def test_secure_rounds_that_lose_a_worker_are_rerun_to_the_same_model(tmp_path, 
 
 
 def test_the_retry_budget_stops_the_run_with_one_line_and_keeps_its_checkpoints(tmp_path, tiny_scenario, capsys):
-    # One worker, 7 calls a round (20 clients, 3 a call): it dies at its 8th call, in round 2, after round 1.
+    # One worker, one call a round (its pack of the round's 7 chunks): it dies at its 2nd call, in round 2, after round 1.
     raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 1}, "executor": {**tiny_scenario["executor"],
-           "num_workers": 1, "max_worker_failures": 0}, "faults": {"kill_worker_every": 8}}
+           "num_workers": 1, "max_worker_failures": 0}, "faults": {"kill_worker_every": 2}}
     path = tmp_path / "budget.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path)]) == 2

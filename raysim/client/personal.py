@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raysim.client.optimizer import LocalOptimizer
 from raysim.client.pipeline import Chunk, ClientUpdate, Released, Stage
 from raysim.client.train import client_rng, evaluate, train_client
 from raysim.config import PersonalizationConfig, Scenario
@@ -112,7 +113,7 @@ class Personalization(Stage):
         fedper = self.config.method == "fedper"
         self.personal = personal if runtime is None or not fedper else personal_indices(runtime.model, self.config)
         self.index = None if self.personal is None or runtime is None else torch.from_numpy(self.personal).to(runtime.device)
-        self.optimizer = None if runtime is None else torch.optim.SGD(runtime.flat.params, lr=scenario.training.lr)
+        self.optimizer = None if runtime is None else LocalOptimizer(runtime.flat.params, lr=scenario.training.lr)
 
     def _row(self, chunk: Chunk, k: int) -> torch.Tensor | None:
         """The client's personal values on the device, or None before its first round."""
@@ -206,7 +207,7 @@ def evaluate_client(scenario: Scenario, runtime, personal: np.ndarray | None, gl
     if config.method == "finetune":
         tx, ty = (torch.from_numpy(a).to(runtime.device) for a in train)
         if config.finetune_epochs and tx.shape[0]:
-            optimizer = torch.optim.SGD(runtime.flat.params, lr=scenario.training.lr)
+            optimizer = LocalOptimizer(runtime.flat.params, lr=scenario.training.lr)
             rng = client_rng(scenario.seed, round_index, client_id, stream=FINETUNE_STREAM)
             train_client(runtime.model, runtime.flat, optimizer, tx, ty, epochs=config.finetune_epochs,
                          batch_size=scenario.training.batch_size, rng=rng, task=runtime.task)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raysim.client.optimizer import LocalOptimizer
 from raysim.config import TrainingConfig
 from raysim.models.flat import FlatParams
 from raysim.models.task import CLASSIFICATION, Task
@@ -28,11 +29,10 @@ class LocalResult:
     mean_loss: float
 
 
-def make_optimizer(config: TrainingConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The local optimizer. A worker builds it once and clears its state between clients."""
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+def make_optimizer(config: TrainingConfig, params: list[nn.Parameter]) -> LocalOptimizer:
+    """The local optimizer. A worker builds it once and resets its state between clients."""
+    momentum = config.momentum if config.optimizer == "sgd" else 0.0
+    return LocalOptimizer(params, kind=config.optimizer, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
 
 
 def client_rng(seed: int, round_index: int, client_id: int, stream: int = 0) -> np.random.Generator:
@@ -55,7 +55,7 @@ def seed_torch(seed: int, device: torch.device) -> None:
 def train_client(
     model: nn.Module,
     flat: FlatParams,
-    optimizer: torch.optim.Optimizer,
+    optimizer: LocalOptimizer,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -72,7 +72,7 @@ def train_client(
     adjusts the flat gradient in place between ``backward`` and the optimizer step, and
     ``after_step(weights)`` the flat weights after it (e.g. Ditto's proximal step).
     """
-    optimizer.state.clear()
+    optimizer.reset()
     model.train()
     n = x.shape[0]
     steps = 0

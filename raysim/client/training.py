@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from raysim.client.faults import InjectedClientError
+from raysim.client.optimizer import LocalOptimizer
 from raysim.client.pipeline import Chunk, ClientUpdate, Stage
 from raysim.client.train import LocalResult, client_rng, make_optimizer, seed_torch, train_client
 from raysim.client.vectorized import StackedClient, StackedTrainer
@@ -33,7 +34,7 @@ class ClientRuntime:
 
     model: torch.nn.Module
     flat: FlatParams
-    optimizer: torch.optim.Optimizer
+    optimizer: LocalOptimizer
     task: Task
     device: torch.device
 

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from raysim.client.optimizer import ADAM_BETAS, ADAM_EPS
 from raysim.config import TrainingConfig
 
 Hook = Callable[[torch.Tensor, torch.Tensor], None]
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which make_optimizer uses
 
 
 @dataclass
@@ -78,8 +78,8 @@ def batch_plan(sizes: list[int], epochs: list[int], batch_size: int,
 class StackedOptimizer:
     """``make_optimizer``'s SGD (momentum, weight decay) or Adam, with one state row per client.
 
-    The update is torch's own (``torch.optim.SGD`` / ``Adam``, no dampening, no Nesterov, no AMSGrad),
-    written over the rows ``[:a]`` of the clients still training, who have all taken the same number of
+    The update is ``LocalOptimizer``'s (torch's single-tensor SGD / Adam, no dampening, no Nesterov, no
+    AMSGrad), written over the rows ``[:a]`` of the clients still training, who have all taken the same number of
     steps, so Adam's bias correction is one scalar per step.
     """
 

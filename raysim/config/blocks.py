@@ -379,7 +379,7 @@ class ExecutorConfig(Strict):
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     clients_per_call: int = Field(5, ge=1, description="clients trained per Ray call; fixes the reduction order")
-    calls_in_flight: int = Field(2, ge=1, description="calls queued per worker so it never idles")
+    calls_in_flight: int = Field(2, ge=1, description="async steps: calls queued per worker so it never idles (a sync round sends one call per worker)")
     max_worker_failures: int = Field(100, ge=0, description="worker deaths survived before the run stops")
     vectorize_memory_mb: float = Field(
         512.0, gt=0.0, description="memory a worker's stacked clients may take under training.vectorize")

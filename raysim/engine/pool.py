@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import ray
 
 from raysim.config import ExecutorConfig, Scenario
@@ -30,6 +31,7 @@ WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, 
                ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError, WorkerNotReady)
 
 
+INLINE_BYTES = 64 * 1024  # under Ray's max_direct_call_object_size (100 KiB), with room for a call's other arguments
 _RETRIES_PER_DEATH = 60  # calls lost on a worker that is down before it counts as dead again
 
 
@@ -185,21 +187,30 @@ def create_workers(scenario: Scenario, num_workers: int, data_refs: Sequence[ray
     return pool.workers, prepared
 
 
+def shared_argument(array: np.ndarray) -> np.ndarray | ray.ObjectRef:
+    """An array every call of a round takes: in the calls themselves when small (Ray copies arguments under
+    ``INLINE_BYTES`` into the call, which beats a round trip through the object store: 2–4 ms of a 45 ms
+    round on 2 cores, ``scripts/bench_overhead.py``), else put once and shared by reference."""
+    return array if array.nbytes <= INLINE_BYTES else ray.put(array)
+
+
 def map_chunks(
     workers: Sequence[ray.actor.ActorHandle], method: str, chunks: Sequence[Any], common: tuple, in_flight: int,
     placement: dict[int, int] | None = None, failures: WorkerFailures | None = None, rerun: bool = True,
+    seconds: dict[int, float] | None = None,
 ) -> list[Any]:
     """Call ``worker.method(*common, index, chunk)`` for every chunk; results in chunk order.
 
     Each worker keeps up to ``in_flight`` calls queued so it never waits for the driver between calls;
     a worker that finishes a call is handed the next chunk (dynamic load balancing). ``placement``,
-    when given, is filled with chunk index → worker position, for calls that must follow a chunk.
+    when given, is filled with chunk index → worker position, for calls that must follow a chunk, and
+    ``seconds`` with chunk index → seconds from its call's submit to its result.
     A call lost with its worker is counted in ``failures`` and re-run on a worker that is up; with
     ``rerun`` False the calls still running are waited for and the loss is raised instead (a secure
     round starts over, and no call of the abandoned attempt may touch the workers afterwards).
     """
     queue = deque(range(len(chunks)))
-    pending: dict[ray.ObjectRef, tuple[int, int]] = {}
+    pending: dict[ray.ObjectRef, tuple[int, int, float]] = {}
     results: list[Any] = [None] * len(chunks)
     failures = failures or WorkerFailures(0)
     load = [0] * len(workers)
@@ -207,7 +218,7 @@ def map_chunks(
     def submit(position: int) -> None:
         index = queue.popleft()
         ref = getattr(workers[position], method).remote(*common, index, chunks[index])
-        pending[ref] = (position, index)
+        pending[ref] = (position, index, time.perf_counter())
         load[position] += 1
         if placement is not None:
             placement[index] = position
@@ -218,11 +229,13 @@ def map_chunks(
                 submit(position)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        position, index = pending.pop(ready[0])
+        position, index, submitted = pending.pop(ready[0])
         load[position] -= 1
         try:
             results[index] = ray.get(ready[0])
             failures.alive(position)
+            if seconds is not None:
+                seconds[index] = time.perf_counter() - submitted
         except WORKER_LOST as err:
             failures.lost(position, err)
             if not rerun:

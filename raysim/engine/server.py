@@ -1,7 +1,7 @@
 """The round server: the driver actor that runs one synchronous round per call, on the server core.
 
-Each round it samples clients, puts the global vector in the object store once, hands the workers
-chunks of client ids, reduces the chunks' partial sums in chunk order (client-id order;
+Each round it samples clients, puts the global vector in the object store once (a small one travels in
+the calls), hands each worker one call of chunks of client ids (``raysim.engine.packing``), reduces the chunks' partial sums in chunk order (client-id order;
 ``raysim.engine.reduce``), runs the stages' server halves backwards (secure sum, robust rule,
 decompression, DP noise) and lets the strategy turn the aggregate into the next global vector
 (``raysim.engine.core``). It evaluates every N rounds.
@@ -14,7 +14,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import ray
 
 from raysim.adversary.lab import view_of_round
 from raysim.client.compress import Compression, shared_mask_seed
@@ -22,11 +21,11 @@ from raysim.client.dp_clip import DPClip, ring_sensitivity
 from raysim.client.messages import ChunkResult, ClientBatch, RoundPlan
 from raysim.client.pipeline import Released
 from raysim.config import Scenario
-from raysim.config.compat import vectorize_choice
 from raysim.engine.clock import SyncClock
 from raysim.engine.core import CoreServer, ServerCore
 from raysim.engine.evaluation import chunked
-from raysim.engine.pool import WORKER_LOST, Prepared, lost_position, map_chunks
+from raysim.engine.packing import PackPlanner
+from raysim.engine.pool import WORKER_LOST, Prepared, lost_position, map_chunks, shared_argument
 from raysim.engine.reduce import ServerRound, reduce
 from raysim.engine.sampling import sample_clients
 from raysim.engine.secure import SecureRelease, SecureSum, release_of, secure_sum
@@ -66,7 +65,8 @@ class RoundServer(CoreServer):
         self.weight_bound = max_client_weight if uncapped else 1.0  # DP-FedAvg weights are min(n/cap, 1) ≤ 1
         self.clock = None if system is None else SyncClock(system, scenario, model_bytes=4 * self.core.dim)
         self.release: SecureRelease | None = None  # secure_aggregation.diagnostics only
-        self.vectorized = vectorize_choice(scenario)[0]
+        rows = scenario.executor.clients_per_call * 4 * self.core.dim if scenario.aggregation.rule != "mean" else 0
+        self.planner = PackPlanner(len(workers), chunk_bytes=8 * self.core.dim + rows)
 
     def extra_state(self) -> dict[str, Any]:
         return {"clock": self.clock}
@@ -124,9 +124,9 @@ class RoundServer(CoreServer):
         """Train the sampled clients and step the model; a round whose secure aggregation lost a worker
         (and with it its clients' secrets) is run again from the start, with a fresh session."""
         core = self.core
-        global_ref = ray.put(core.broadcast(sampled))
+        global_ref = shared_argument(core.broadcast(sampled))
         server_state = core.strategy.server_state()
-        state_ref = None if server_state is None else ray.put(server_state)
+        state_ref = None if server_state is None else shared_argument(server_state)
         while True:
             plan, placement = self._round_plan(len(sampled), round_index), {}
             try:
@@ -140,13 +140,14 @@ class RoundServer(CoreServer):
 
     def _train_chunks(self, batches: list[ClientBatch], common: tuple, placement: dict[int, int],
                       rerun: bool) -> list[ChunkResult]:
-        """Train every chunk: one call each, or, vectorized, one call per worker of packed chunks
-        (``ClientWorker.train_pack``), whose clients train together; ``placement`` gets chunk → worker."""
+        """Train every chunk in one call per worker, a pack of chunks sized to its speed
+        (``raysim.engine.packing``; vectorized, a pack's clients train together); ``placement`` gets
+        chunk → worker."""
         core, in_flight = self.core, self.scenario.executor.calls_in_flight
-        if not self.vectorized:
-            return map_chunks(core.workers, "train", batches, common, in_flight, placement, core.failures, rerun=rerun)
-        packs, where = pack_chunks(batches, len(core.workers)), {}
-        results = map_chunks(core.workers, "train_pack", packs, common, in_flight, where, core.failures, rerun=rerun)
+        packs, where, seconds = self.planner.packs(batches, core.failures.up(core.workers)), {}, {}
+        results = map_chunks(core.workers, "train_pack", packs, common, in_flight, where, core.failures,
+                             rerun=rerun, seconds=seconds)
+        self.planner.observe(results, where, seconds)
         placement.update((index, where[p]) for p, pack in enumerate(packs) for index, _ in pack)
         return [result for pack in results for result in pack]
 
@@ -222,14 +223,3 @@ class RoundServer(CoreServer):
         core.step(released, reduction.client_ids, f"round {round_index + 1}")
         out.update(released.metrics)
         return out
-
-
-def pack_chunks(batches: list[ClientBatch], workers: int) -> list[list[tuple[int, ClientBatch]]]:
-    """Consecutive chunks (index, batch) grouped into about one pack of ceil(clients / workers) per worker."""
-    target = -(-sum(len(b.client_ids) for b in batches) // max(workers, 1))
-    packs: list[list[tuple[int, ClientBatch]]] = [[]]
-    for index, batch in enumerate(batches):
-        if packs[-1] and sum(len(b.client_ids) for _, b in packs[-1]) >= target:
-            packs.append([])
-        packs[-1].append((index, batch))
-    return packs if packs[0] else []

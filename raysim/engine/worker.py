@@ -20,6 +20,7 @@ import torch
 from raysim.client.build import build_pipeline
 from raysim.client.encode import Encoding
 from raysim.client.messages import ChunkResult, ClientBatch, EvalResult, RoundPlan
+from raysim.client.optimizer import LocalOptimizer
 from raysim.client.personal import Personalization, evaluate_client
 from raysim.client.pipeline import Chunk
 from raysim.client.samples import split_holdout
@@ -51,12 +52,13 @@ def pick_device(num_gpus: float) -> torch.device:
 
 
 def warm_up() -> None:
-    """One forward, backward and optimizer step on a throwaway model: torch's first optimizer imports
-    ``torch._dynamo`` (about 1.8 s on 2 busy cores), which would otherwise land in the first round."""
+    """One forward, backward and optimizer step on a throwaway model, so that torch's lazy first-use costs
+    (the autograd engine, the kernels' first dispatch) land here rather than in the first round. The step is
+    ``LocalOptimizer``'s: ``torch.optim`` would import ``torch._dynamo`` (1.1–1.8 s), which no run needs."""
     model = torch.nn.Linear(2, 2)
     loss = torch.nn.functional.cross_entropy(model(torch.zeros(2, 2)), torch.tensor([0, 1]))
     loss.backward()
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    LocalOptimizer(list(model.parameters()), lr=0.1).step()
 
 
 def _peak_rss_mb() -> float:
@@ -150,11 +152,14 @@ class ClientWorker:
 
     def train_pack(self, global_vec: np.ndarray, server_state: np.ndarray | None, round_index: int,
                    plan: RoundPlan, index: int, pack: list[tuple[int, ClientBatch]]) -> list[ChunkResult]:
-        """Vectorized rounds: the chunks of ``pack`` (chunk index, batch) trained together; one result per chunk.
+        """A sync round's call (``raysim.engine.packing``): the chunks of ``pack`` (chunk index, batch), one after
+        another, or, vectorized, together; one result per chunk.
 
         Each chunk still folds alone, so the reduction order is the chunks', whatever calls they were packed into.
         """
         self.chaos.before_call()
+        if not self.vectorized:
+            return [self.run_chunk(global_vec, server_state, round_index, plan, i, batch) for i, batch in pack]
         return self._together([self._chunk(global_vec, server_state, round_index, plan, i, batch) for i, batch in pack])
 
     def _together(self, chunks: list[Chunk]) -> list[ChunkResult]:
