@@ -37,6 +37,20 @@ def test_synthetic_has_the_requested_shape_and_is_seeded():
     assert not np.array_equal(ds.x_train, other.x_train)
 
 
+def test_synthetic_offsets_in_blocks_exactly_as_one_dataset_sized_sum(monkeypatch):
+    """The generator adds the cluster centres a block of rows at a time (no dataset-sized temporary);
+    across several block boundaries it gives what one whole-array sum gives, bit for bit."""
+    monkeypatch.setattr(sources, "ROWS_PER_BLOCK", 7)
+    ds = sources.synthetic(num_samples=50, num_features=4, num_classes=3, seed=5)
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((9, 4), dtype=np.float32) * np.float32(6.0 / 2.0)
+    cluster = rng.integers(0, 9, size=50)
+    x = rng.standard_normal((50, 4), dtype=np.float32) + centres[cluster]
+    np.testing.assert_array_equal(np.concatenate([ds.x_train, ds.x_test]), x)
+    np.testing.assert_array_equal(np.concatenate([ds.y_train, ds.y_test]), cluster % 3)
+    assert ds.y_train.dtype == np.int64
+
+
 def test_synthetic_is_learnable_but_not_linearly_trivial():
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier

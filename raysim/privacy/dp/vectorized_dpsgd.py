@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from raysim.client.vectorized import StackedModel
 from raysim.privacy.dp.accountant import PrivacyAccountant, validate_noise_multiplier
@@ -120,22 +121,31 @@ class PoissonBatches:
     """One client's Poisson batches as Opacus's loader draws them from its generator: each epoch's iterator
     first takes a base seed (``torch.utils.data``'s iterator does), then one uniform mask per step. The
     masks of an epoch are drawn a block of steps at a time (the same stream: ``rand(k, n)`` is k
-    ``rand(n)``), at most ``MASK_BLOCK`` numbers a draw."""
+    ``rand(n)``), at most ``MASK_BLOCK`` numbers a draw, and turned into the block's batches at once: a
+    row of sample indices per step, in ascending order, padded with 0 past the step's batch size."""
 
     def __init__(self, generator: torch.Generator, n: int, rate: float, per_epoch: int) -> None:
         self.generator, self.n, self.rate, self.per_epoch = generator, n, rate, per_epoch
-        self.step, self.masks = 0, torch.zeros(0, n, dtype=torch.bool)
+        self.step, self.row = 0, 0
+        self.rows: tuple[torch.Tensor, ...] = ()
+        self.sizes: list[int] = []
 
-    def next(self) -> torch.Tensor:
-        """The indices of the next step's batch."""
+    def next(self) -> tuple[torch.Tensor, int]:
+        """The next step's batch: its row of indices (the first ``size`` are the batch) and its size."""
         within = self.step % self.per_epoch
         if within == 0:
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        if not len(self.masks):
+        if self.row == len(self.sizes):
             rows = max(1, min(self.per_epoch - within, MASK_BLOCK // self.n))
-            self.masks = torch.rand(rows, self.n, generator=self.generator) < self.rate
-        batch, self.masks, self.step = self.masks[0].nonzero().reshape(-1), self.masks[1:], self.step + 1
-        return batch
+            hits = (torch.rand(rows, self.n, generator=self.generator) < self.rate).nonzero()  # row-major
+            sizes = torch.bincount(hits[:, 0], minlength=rows)
+            position = torch.arange(len(hits)) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
+            block = torch.zeros(rows, max(1, int(sizes.max())), dtype=torch.int64)
+            block[hits[:, 0], position] = hits[:, 1]
+            self.rows, self.sizes, self.row = block.unbind(0), sizes.tolist(), 0
+        batch, size = self.rows[self.row], self.sizes[self.row]
+        self.row, self.step = self.row + 1, self.step + 1
+        return batch, size
 
 
 class PrivateStackedTrainer:
@@ -174,19 +184,18 @@ class PrivateStackedTrainer:
         weights = torch.stack([clients[j].start for j in order]).float()
         expected = torch.tensor([float(rates[j][2]) for j in order], device=device)
         x, y = torch.cat([c.x for c in clients]), torch.cat([c.y for c in clients])
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
         active = (steps[order][None, :] > np.arange(int(steps.max(initial=0)))[:, None]).sum(axis=1)
         std = self.noise_multiplier * self.clip_norm
         loss_sum, loss_batches = np.zeros(len(clients)), np.zeros(len(clients), dtype=np.int64)
         for step, a in enumerate(active.tolist()):
             top = order[:a]
             batches = [samplers[j].next() for j in top.tolist()]
-            counts = np.array([len(b) for b in batches])
+            counts = np.array([size for _, size in batches])
             width = max(MIN_WIDTH, int(counts.max()))
-            index = np.repeat(offsets[top][:, None], width, axis=1)  # padding: each client's first sample
-            for row, b in enumerate(batches):
-                index[row, : len(b)] += b.numpy()
-            index = torch.from_numpy(index).to(device)
+            index = pad_sequence([row for row, _ in batches], batch_first=True)[:, :width]
+            index = nn.functional.pad(index, (0, width - index.shape[1]))  # padding: each client's first sample
+            index = (index + offsets[top][:, None]).to(device)
             count = torch.from_numpy(counts).to(device)
             summed, losses = self.clipped_sum(weights[:a], x[index], y[index], count)
             if std:
