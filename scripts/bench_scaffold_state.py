@@ -14,7 +14,7 @@ It reports:
     allocated) against (clients ever sampled) x parameters x 4 bytes, where the clients ever sampled
     are counted by replaying ``raysim.engine.sampling.sample_clients`` for every round;
   * peak RSS: the driver's ``ru_maxrss`` plus the largest sum, over samples taken every 0.5 s by a
-    background thread, of the RSS of this run's ``ray::ClientWorker`` and ``ray::ServerHost``
+    background thread, of the RSS of this run's ``ray::WorkerActor`` and ``ray::ServerHost``
     processes (descendants of this driver only, so other Ray sessions on the machine do not count).
     RSS counts shared pages (torch's libraries, the object store) once in every process that maps
     them, so the same thread also records the peak sum of PSS (proportional set size: shared pages
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from raysim.config import Scenario
 
 FEATURES, CLASSES, HIDDEN = 64, 10, [512, 128]
-ACTOR_NAMES = ("ray::ClientWorker", "ray::ServerHost")
+ACTOR_NAMES = ("ray::WorkerActor", "ray::ServerHost")
 GIB = 2**30
 
 
@@ -58,7 +58,7 @@ def mlp_parameters(features: int, hidden: list[int], classes: int) -> int:
 
 
 def run_actors(driver: psutil.Process) -> list[psutil.Process]:
-    """The ``ray::ClientWorker`` and ``ray::ServerHost`` (server actor) processes descended from ``driver``."""
+    """The ``ray::WorkerActor`` and ``ray::ServerHost`` (server actor) processes descended from ``driver``."""
     found = []
     for proc in driver.children(recursive=True):
         try:

@@ -63,7 +63,7 @@ def main() -> None:
         metrics = Path(out) / "two" / "node-loss" / "metrics.jsonl"
         while runner.is_alive() and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
             time.sleep(0.05)
-        nodes_before = len([a for a in state.actors().values() if a["ActorClassName"] == "ClientWorker"
+        nodes_before = len([a for a in state.actors().values() if a["ActorClassName"] == "WorkerActor"
                             and a["State"] == "ALIVE"])
         cluster.remove_node(doomed, allow_graceful=False)
         lost_at = len(metrics.read_text().splitlines())

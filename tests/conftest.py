@@ -1,4 +1,4 @@
-"""One Ray session for the whole suite (2 CPUs, one fake GPU, no dashboard, a capped object store) and one
+"""One Ray session for the whole suite (raysim's embedded Ray: 2 CPUs, one fake GPU, a capped object store) and one
 warm ``raysim.Session`` on it."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ def ray_session():
     """The suite's Ray, with one ``raysim.Session`` entered: runs reuse its warm workers and server actor."""
     import ray
 
+    from raysim.engine.cluster import start_local
     from raysim.engine.session import Session
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=400 * 1024**2,
-                 log_to_driver=False)
+    if not ray.is_initialized():  # the embedded Ray as raysim starts it (no monitor, log monitor or API server)
+        start_local(num_cpus=2, num_gpus=1, object_store_memory=400 * 1024**2, log_to_driver=False)
     with Session():
         yield ray
     ray.shutdown()

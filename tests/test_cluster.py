@@ -96,7 +96,7 @@ _RUN_ON = textwrap.dedent(
         cluster.wait_for_nodes()
         try:
             result = raysim.run(scenario, address=cluster.address)
-            nodes = [a["Address"]["NodeID"] for a in state.actors().values() if a["ActorClassName"] == "ClientWorker"]
+            nodes = [a["Address"]["NodeID"] for a in state.actors().values() if a["ActorClassName"] == "WorkerActor"]
             alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         finally:
             ray.shutdown()
@@ -128,3 +128,20 @@ def test_a_run_across_two_nodes_uses_both_and_equals_the_single_node_run(ray_ses
     assert sorted(placement["worker_nodes"]) == sorted(placement["nodes"])
     one_node = raysim.run({**scenario, "output": {"dir": str(tmp_path / "one-node")}}).global_vector  # the session's node
     assert np.array_equal(two_nodes, one_node)
+
+
+def test_the_embedded_ray_starts_without_the_monitor_the_log_monitor_and_the_api_server(ray_session):
+    """raysim's embedded Ray (``cluster.start_local``, which the suite's session uses too) runs the GCS, the raylet
+    and its agents, but none of the three head processes a one-machine simulation never uses."""
+    import psutil
+
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    scripts = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if session_dir in cmdline:
+            scripts.append(cmdline)
+    running = " ".join(scripts)
+    assert "gcs_server" in running and "raylet" in running  # the check sees this session's processes
+    for script in ("autoscaler/_private/monitor.py", "_private/log_monitor.py", "dashboard/dashboard.py"):
+        assert script not in running

@@ -194,7 +194,7 @@ def test_a_worker_process_killed_from_outside_is_restarted_and_its_calls_rerun(t
     killed = None
     deadline = time.monotonic() + 120
     while killed is None and time.monotonic() < deadline and runner.is_alive():
-        training = [p for p in _session_processes() if "ClientWorker.train" in " ".join(_cmdline(p))]
+        training = [p for p in _session_processes() if "WorkerActor.train" in " ".join(_cmdline(p))]
         if training:
             killed = training[0].pid
             training[0].kill()

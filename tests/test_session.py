@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,31 @@ def test_a_new_resource_shape_restarts_the_pool_and_the_same_shape_does_not(ray_
     again = raysim.run(tiny_scenario, overrides=["executor.num_workers=1", "seed=4"])
     assert session.pools_started == pools + 1
     assert not np.array_equal(one.global_vector, again.global_vector)  # the second run did train from its own seed
+
+
+def test_the_driver_loads_a_run_without_importing_torch(tiny_scenario):
+    """The driver's part of a run beside ``ray.init`` (checks, data, partition, the actors' classes) imports no
+    torch: the pool's actors are ``WorkerActor`` shells, and each worker process imports its ``ClientWorker``."""
+    code = (
+        "import sys, json\n"
+        "from raysim.config import parse_scenario\n"
+        "from raysim.engine.runner import _load\n"
+        "from raysim.engine.worker_actor import WorkerActor\n"
+        f"_load(parse_scenario(json.loads({json.dumps(json.dumps(tiny_scenario))})))\n"
+        "print(sorted(m for m in ('torch', 'opacus', 'transformers', 'peft', 'wandb', 'tenseal') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_worker_actor_forwards_every_remote_method_of_the_client_worker():
+    import inspect
+
+    from raysim.engine.worker import ClientWorker
+    from raysim.engine.worker_actor import REMOTE_METHODS, WorkerActor
+
+    local_only = {"local", "setup", "run_chunk"}  # a classmethod and two steps of the remote methods
+    public = {name for name, _ in inspect.getmembers(ClientWorker, inspect.isfunction) if not name.startswith("_")}
+    assert set(REMOTE_METHODS) == public - local_only
+    assert all(callable(getattr(WorkerActor, name)) for name in REMOTE_METHODS)

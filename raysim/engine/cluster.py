@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -82,9 +83,43 @@ def connect(address: str | None = None) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ScenarioError(f"--address: cannot reach the Ray cluster at {address} ({type(err).__name__}); check RAY_ADDRESS or start the cluster") from None
         return False
-    # "local" starts a fresh instance even when /tmp/ray/ray_current_cluster names another one.
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    start_local(logging_level=logging.WARNING, log_to_driver=False)
     return True
+
+
+def start_local(**options: Any) -> None:
+    """``ray.init(address="local", include_dashboard=False, **options)``, without the head's three Python
+    processes that a simulation on one machine never uses: the autoscaler's monitor (nothing autoscales
+    here), the log monitor (raysim's workers do not print to the driver; their logs stay in Ray's session
+    folder) and the dashboard's API server (no dashboard, job submission or state API is used). On 2
+    cores they cost about 2 CPU-seconds while ``ray.init`` waits, and the monitor's graceful stop about
+    1 s of ``ray.shutdown`` (``scripts/bench_startup.py``). The GCS, the raylet, its agents and the
+    workers are Ray's own, unchanged.
+
+    "local" starts a fresh instance even when /tmp/ray/ray_current_cluster names another one. For the
+    dashboard, start a cluster with ``ray start --head`` and pass its address instead.
+    """
+    import ray._private.node as node
+
+    class SimulationHead(node.Node):
+        def start_monitor(self) -> None:
+            pass
+
+        def start_log_monitor(self) -> None:
+            pass
+
+        def start_api_server(self, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
+            self._webui_url = None  # as after an API server that failed to start, which Ray allows
+
+    with _LOCAL_START:  # the class is swapped for this call only
+        full, node.Node = node.Node, SimulationHead
+        try:
+            ray.init(address="local", include_dashboard=False, **options)
+        finally:
+            node.Node = full
+
+
+_LOCAL_START = threading.Lock()
 
 
 def _probe(address: str) -> None:

@@ -132,7 +132,7 @@ class WorkerPool:
 
     def __init__(self, executor: ExecutorConfig, num_workers: int, worker_class: type | None = None) -> None:
         if worker_class is None:
-            from raysim.engine.worker import ClientWorker as worker_class  # torch: imported beside ray.init (runner)
+            from raysim.engine.worker_actor import WorkerActor as worker_class  # the driver needs no torch
         self.shape = shape_of(executor, num_workers)
         self.secret = secrets.token_bytes(32)
         actor = ray.remote(num_cpus=executor.num_cpus, num_gpus=executor.num_gpus, max_restarts=-1)(worker_class)

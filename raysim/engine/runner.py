@@ -125,10 +125,10 @@ def execute(scenario: Scenario, address: str | None = None, resume: Path | None 
 
 
 def _load(scenario: Scenario) -> tuple[Any, Any, Any, RunKeys | None, Any]:
-    """What needs no Ray: the actors' modules (torch), the checks, the data, its partition and the clients'
-    systems, the he backend's keys and local DP-SGD's solved noise (run beside ``ray.init``)."""
-    import raysim.engine.server_host  # noqa: F401  the actors' classes
-    import raysim.engine.worker  # noqa: F401
+    """What needs no Ray: the actors' modules, the checks, the data, its partition and the clients' systems,
+    the he backend's keys and local DP-SGD's solved noise (run beside ``ray.init``)."""
+    import raysim.engine.server_host  # noqa: F401  the actors' classes (shells: no torch in the driver)
+    import raysim.engine.worker_actor  # noqa: F401
 
     # One BLAS thread here: this runs while ray.init starts processes, and OpenBLAS's pool, shut down by its
     # fork handler in the middle of a call on this thread, left a run spinning forever in the data's matmuls.
