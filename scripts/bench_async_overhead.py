@@ -31,6 +31,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import ray  # noqa: E402
+from raysim.engine.cluster import start_local  # noqa: E402
 
 import raysim  # noqa: E402
 
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100, help="clients trained before timing starts")
     args = parser.parse_args()
     per_client: dict[str, float] = {}
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=args.workers, log_to_driver=False)
     with tempfile.TemporaryDirectory() as out:
         for name, overrides in variants(args.rounds).items():
             result = raysim.run(scenario(args.workers, out), overrides=[*overrides, f"name={name}"])

@@ -24,6 +24,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import ray  # noqa: E402
+from raysim.engine.cluster import start_local  # noqa: E402
 
 import raysim  # noqa: E402
 
@@ -47,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     secure = {} if args.neighbours is None else {"neighbours": args.neighbours}
     steps: dict[str, list[float]] = {"plain": [], "secure": []}
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=args.workers, log_to_driver=False)
     with tempfile.TemporaryDirectory() as out, raysim.Session():
         for attempt in range(2):
             for side in steps:

@@ -112,11 +112,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
+    from raysim.engine.cluster import start_local
 
     with tempfile.TemporaryDirectory() as out_dir:
         config = scenario(args.workers, max(args.rounds, 3), args.clients_per_round, out_dir)
         loop = loop_throughput(config)
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        start_local(num_cpus=args.workers, log_to_driver=False)
         try:
             ours = raysim_throughput(config)
         finally:

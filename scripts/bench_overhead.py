@@ -21,6 +21,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import ray  # noqa: E402
+from raysim.engine.cluster import start_local  # noqa: E402
 
 import raysim  # noqa: E402
 from raysim.config import parse_scenario  # noqa: E402
@@ -73,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         raw = scenario(args.workers, args.rounds, out)
         loop, params = loop_seconds_per_round(raw, args.warmup)
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        start_local(num_cpus=args.workers, log_to_driver=False)
         result = raysim.run(raw)
         ray.shutdown()
     engine = float(np.mean(result.round_seconds[args.warmup:]))

@@ -113,6 +113,7 @@ def one_run(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("WANDB_MODE", "disabled")
     import ray
+    from raysim.engine.cluster import start_local
 
     import raysim
     from raysim.config import parse_scenario
@@ -120,7 +121,7 @@ def one_run(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         scenario = parse_scenario(bench_scenario(strategy, args.population, args.rounds, args.clients_per_round,
                                                  args.samples_per_client, out))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local(num_cpus=2, log_to_driver=False)
         try:
             tick = time.perf_counter()
             with MemorySampler(sample_memory) as sampler:

@@ -32,10 +32,11 @@ def one_size(population: int, rounds: int, warmup: int) -> dict:
     os.environ.setdefault("WANDB_MODE", "disabled")
     import numpy as np
     import ray
+    from raysim.engine.cluster import start_local
 
     import raysim
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=2, log_to_driver=False)
     with tempfile.TemporaryDirectory() as out:
         raw = {
             "name": f"scale-{population}", "seed": 0, "num_clients": population, "rounds": rounds,

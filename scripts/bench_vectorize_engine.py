@@ -25,6 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import ray  # noqa: E402
+from raysim.engine.cluster import start_local  # noqa: E402
 
 import raysim  # noqa: E402
 from bench_startup import SCENARIO  # noqa: E402
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--no-eval", action="store_true", help="evaluate only after the last round")
     args = parser.parse_args()
     times: dict[str, list[float]] = {"sequential": [], "vectorized": []}
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=args.cpus, log_to_driver=False)
     with tempfile.TemporaryDirectory() as out, raysim.Session():
         for attempt in range(args.repeats + 1):
             for side in times:

@@ -166,6 +166,8 @@ def run_checks(args: argparse.Namespace, out_dir: Path) -> None:
     import ray
     import torch
 
+    from raysim.engine.cluster import start_local
+
     props = torch.cuda.get_device_properties(0)
     report("torch", torch.__version__)
     report("torch_cuda", torch.version.cuda)
@@ -177,7 +179,7 @@ def run_checks(args: argparse.Namespace, out_dir: Path) -> None:
     report("cpu_count", os.cpu_count())
     cpus = os.cpu_count() or 1
     # One GPU for Ray, so every fractional worker shares device 0 whatever the host has.
-    ray.init(address="local", num_cpus=cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=cpus, num_gpus=1, log_to_driver=False)
 
     section("quarter_gpu_workers", lambda: quarter_gpu_workers(args))
     quickstart = section("quickstart", lambda: quickstart_cuda_vs_cpu(args, out_dir, cpus))

@@ -90,10 +90,11 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
     import ray
+    from raysim.engine.cluster import start_local
 
     from raysim.engine import checkpoint
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=2, log_to_driver=False)
     root = raylet()
     reasons: list[str] = []
     with tempfile.TemporaryDirectory() as out:

@@ -72,9 +72,10 @@ def local_ray(num_cpus: int = 2, *, single_thread: bool = False) -> Iterator[Ses
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("WANDB_MODE", "disabled")
     import ray
+    from raysim.engine.cluster import start_local
 
     session = Session(os.getloadavg())
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    start_local(num_cpus=num_cpus, log_to_driver=False)
     started = time.perf_counter()
     try:
         yield session

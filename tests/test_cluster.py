@@ -132,7 +132,8 @@ def test_a_run_across_two_nodes_uses_both_and_equals_the_single_node_run(ray_ses
 
 def test_the_embedded_ray_starts_without_the_monitor_the_log_monitor_and_the_api_server(ray_session):
     """raysim's embedded Ray (``cluster.start_local``, which the suite's session uses too) runs the GCS, the raylet
-    and its agents, but none of the three head processes a one-machine simulation never uses."""
+    and its agents, the dashboard agent minimal, and none of the three head processes a one-machine simulation
+    never uses."""
     import psutil
 
     session_dir = ray._private.worker._global_node.get_session_dir_path()
@@ -145,3 +146,5 @@ def test_the_embedded_ray_starts_without_the_monitor_the_log_monitor_and_the_api
     assert "gcs_server" in running and "raylet" in running  # the check sees this session's processes
     for script in ("autoscaler/_private/monitor.py", "_private/log_monitor.py", "dashboard/dashboard.py"):
         assert script not in running
+    agents = [cmdline for cmdline in scripts if "dashboard/agent.py" in cmdline]
+    assert len(agents) == 1 and "--minimal" in agents[0].split()

@@ -71,3 +71,14 @@ def test_a_delayed_worker_skews_the_packs_but_not_the_model(tmp_path, tiny_scena
     slow = raysim.run(parse_scenario({**raw, "faults": {"delay_worker": 0, "delay_seconds": 0.3},
                                       "output": {"dir": str(tmp_path / "b")}}))
     np.testing.assert_array_equal(slow.global_vector, plain.global_vector)
+
+
+def test_packs_share_out_local_steps_not_clients() -> None:
+    """Ten chunks of five clients; the first five chunks' clients take 10 steps an epoch, the last five's 1. Shared
+    by clients, the first worker would get 5 × 50 = 250 steps and the second 25; shared by steps, 150 and 125."""
+    batches = _batches([5] * 10)
+    steps_per_epoch = np.array([10] * 25 + [1] * 25)
+    packs = PackPlanner(2, chunk_bytes=8).packs(batches, [0, 1], steps_per_epoch)
+    steps = [sum(int(np.dot(b.epochs, steps_per_epoch[b.client_ids])) for _, b in pack) for pack in packs]
+    assert steps == [150, 125]
+    assert [index for pack in packs for index, _ in pack] == list(range(10))

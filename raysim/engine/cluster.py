@@ -88,18 +88,20 @@ def connect(address: str | None = None) -> bool:
 
 
 def start_local(**options: Any) -> None:
-    """``ray.init(address="local", include_dashboard=False, **options)``, without the head's three Python
-    processes that a simulation on one machine never uses: the autoscaler's monitor (nothing autoscales
-    here), the log monitor (raysim's workers do not print to the driver; their logs stay in Ray's session
-    folder) and the dashboard's API server (no dashboard, job submission or state API is used). On 2
-    cores they cost about 2 CPU-seconds while ``ray.init`` waits, and the monitor's graceful stop about
-    1 s of ``ray.shutdown`` (``scripts/bench_startup.py``). The GCS, the raylet, its agents and the
-    workers are Ray's own, unchanged.
+    """``ray.init(address="local", include_dashboard=False, **options)``, lean: a simulation on one machine never
+    uses the head's autoscaler monitor (nothing autoscales here), its log monitor (raysim's workers print
+    nothing to the driver; their logs stay in Ray's session folder) or its dashboard API server (no
+    dashboard, job submission or state API server runs on the embedded Ray), and its dashboard agent runs
+    in Ray's own ``--minimal`` mode (no Prometheus metrics, log or job modules). The raylet waits for that
+    agent before it registers, and on 2 cores these four cost ``ray.init`` about 1.5 s and ``ray.shutdown``
+    the monitor's 1 s graceful stop (``scripts/bench_startup.py``). The GCS, the raylet, the runtime-env
+    agent and the workers are Ray's own, unchanged.
 
     "local" starts a fresh instance even when /tmp/ray/ray_current_cluster names another one. For the
     dashboard, start a cluster with ``ray start --head`` and pass its address instead.
     """
     import ray._private.node as node
+    import ray._private.utils as utils
 
     class SimulationHead(node.Node):
         def start_monitor(self) -> None:
@@ -111,15 +113,26 @@ def start_local(**options: Any) -> None:
         def start_api_server(self, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
             self._webui_url = None  # as after an API server that failed to start, which Ray allows
 
-    with _LOCAL_START:  # the class is swapped for this call only
-        full, node.Node = node.Node, SimulationHead
-        try:
-            ray.init(address="local", include_dashboard=False, **options)
-        finally:
-            node.Node = full
+    def minimal_agent() -> ImportError:  # what a ray installed without [default] answers; the agent reads --minimal
+        return ImportError("raysim's embedded Ray runs the dashboard agent minimal")
+
+    with _LOCAL_START, _swapped(node, "Node", SimulationHead), \
+            _swapped(utils, "get_dashboard_dependency_error", minimal_agent):
+        ray.init(address="local", include_dashboard=False, **options)
 
 
-_LOCAL_START = threading.Lock()
+_LOCAL_START = threading.Lock()  # the swaps below are for one ray.init call at a time
+
+
+@contextlib.contextmanager
+def _swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` within the block (Ray looks both up at call time)."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 def _probe(address: str) -> None:

@@ -8,10 +8,13 @@ adds the chunks in chunk order, so which worker trains which chunk, and with whi
 matter of time (``ClientWorker.train_pack``).
 
 What chunk-by-chunk dynamic load balancing did within a round (a slow or straggling worker takes fewer
-chunks), ``PackPlanner`` does across rounds: a worker's pack holds clients in proportion to its rate, the
-local steps per second it trained in the previous rounds, from the submit of its call to its result
+chunks), ``PackPlanner`` does across rounds: a worker's pack holds local steps in proportion to its rate,
+the local steps per second it trained in the previous rounds, from the submit of its call to its result
 (exponentially smoothed, so a slow node, a delayed worker or a GPU worker beside CPU workers is sized
-within a few rounds). A pack whose worker is lost is re-run whole on a worker that is up.
+within a few rounds). A chunk's steps are known before it trains (each client's epochs times its batches
+an epoch), so packs are cut where the steps, not the clients, are shared out: under a Dirichlet
+partition one client may train twenty times as long as another. A pack whose worker is lost is re-run
+whole on a worker that is up.
 
 A pack's results wait in its worker until the call returns, so a pack holds at most ``PACK_BYTES`` of them;
 a round of large models or per-client rows that would need more goes out in packs of that size, handed to
@@ -42,19 +45,21 @@ class PackPlanner:
         self.rates = np.zeros(workers)  # local steps per second; 0 until measured
         self.max_chunks = max(1, PACK_BYTES // max(chunk_bytes, 1))
 
-    def packs(self, batches: Sequence[ClientBatch], positions: Sequence[int]) -> list[Pack]:
+    def packs(self, batches: Sequence[ClientBatch], positions: Sequence[int],
+              steps_per_epoch: np.ndarray | None = None) -> list[Pack]:
         """Consecutive chunks in one pack per position (the workers that are up, in the order their first
-        calls go out), pack j holding about its worker's share of the clients; every pack gets at least one
-        chunk while chunks remain, so pack j goes to ``positions[j]``. Past ``max_chunks`` a pack, packs of
-        ``max_chunks``."""
+        calls go out), pack j holding about its worker's share of the round's local steps (of its clients,
+        without ``steps_per_epoch``, each client's batches an epoch); every pack gets at least one chunk while
+        chunks remain, so pack j goes to ``positions[j]``. Past ``max_chunks`` a pack, packs of ``max_chunks``."""
         if not batches or not positions:
             return []
         if len(batches) > self.max_chunks * len(positions):
             indexed = list(enumerate(batches))
             return [indexed[i : i + self.max_chunks] for i in range(0, len(indexed), self.max_chunks)]
         shares = self._shares(positions)
-        sizes = np.array([len(b.client_ids) for b in batches], dtype=np.float64)
-        ends = np.cumsum(shares) / shares.sum() * sizes.sum()  # clients done at the end of each pack
+        sizes = np.array([len(b.client_ids) if steps_per_epoch is None else
+                          np.dot(b.epochs, steps_per_epoch[b.client_ids]) for b in batches], dtype=np.float64)
+        ends = np.cumsum(shares) / shares.sum() * sizes.sum()  # steps done at the end of each pack
         packs: list[Pack] = [[]]
         done = 0.0
         for index, (batch, size) in enumerate(zip(batches, sizes)):

@@ -25,6 +25,7 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from raysim.adversary.clients import check_labels
+from raysim.client.samples import train_sizes
 from raysim.config import Scenario
 from raysim.config.compat import vectorize_choice
 from raysim.data.load import load_data, partition_data
@@ -152,7 +153,6 @@ def _local_noise(scenario: Scenario, sizes: np.ndarray) -> Any:
     privacy = scenario.privacy
     if privacy is None or privacy.mechanism != "local" or privacy.target_epsilon is None:
         return None
-    from raysim.client.samples import train_sizes
     from raysim.privacy.dp.local_target import local_noise_for_target
 
     return local_noise_for_target(privacy.target_epsilon, train_sizes(sizes, scenario.evaluation.held_out),
@@ -230,6 +230,8 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
                                        client_key=_client_storage_key(scenario, folder.path),
                                        he_secret=None if he is None else he.keys.secret)
         extra = {} if scenario.privacy is None else {"dp_total_weight": dp_total_weight(scenario, part.sizes())}
+        if scenario.asynchronous is None:  # the sync server shares each round's local steps out between workers
+            extra["train_sizes"] = train_sizes(part.sizes(), scenario.evaluation.held_out)
         if he is not None:
             extra["he"] = (he.params, he.keys.public)
         calls.append(host.start.remote(

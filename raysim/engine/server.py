@@ -57,7 +57,8 @@ class RoundServer(CoreServer):
     def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
                  feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
                  max_client_weight: float = 1.0, system: ClientSystem | None = None, dp_total_weight: float = 1.0,
-                 prepared: Prepared | None = None, he: tuple[HEParams, bytes] | None = None) -> None:
+                 prepared: Prepared | None = None, he: tuple[HEParams, bytes] | None = None,
+                 train_sizes: np.ndarray | None = None) -> None:
         self.core = ServerCore(scenario, workers, x_test, y_test, feature_shape, num_classes, state_dir, dp_total_weight,
                                prepared, he)
         self.scenario = scenario
@@ -67,6 +68,9 @@ class RoundServer(CoreServer):
         self.release: SecureRelease | None = None  # secure_aggregation.diagnostics only
         rows = scenario.executor.clients_per_call * 4 * self.core.dim if scenario.aggregation.rule != "mean" else 0
         self.planner = PackPlanner(len(workers), chunk_bytes=8 * self.core.dim + rows)
+        # Each client's batches an epoch (``train_sizes``: its samples less the held-out share), to share out steps.
+        self.steps_per_epoch = None if train_sizes is None else \
+            -(-np.asarray(train_sizes, dtype=np.int64) // scenario.training.batch_size)
 
     def extra_state(self) -> dict[str, Any]:
         return {"clock": self.clock}
@@ -144,7 +148,7 @@ class RoundServer(CoreServer):
         (``raysim.engine.packing``; vectorized, a pack's clients train together); ``placement`` gets
         chunk → worker."""
         core, in_flight = self.core, self.scenario.executor.calls_in_flight
-        packs, where, seconds = self.planner.packs(batches, core.failures.up(core.workers)), {}, {}
+        packs, where, seconds = self.planner.packs(batches, core.failures.up(core.workers), self.steps_per_epoch), {}, {}
         results = map_chunks(core.workers, "train_pack", packs, common, in_flight, where, core.failures,
                              rerun=rerun, seconds=seconds)
         self.planner.observe(results, where, seconds)
