@@ -7,7 +7,7 @@ import torch
 import raysim
 from raysim.client.state import make_state_store
 from raysim.strategies.fedprox import add_proximal_gradient
-from raysim.client.train import client_rng
+from raysim.client.rng import client_rng
 from raysim.config import parse_scenario
 from raysim.engine.server import local_epochs
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan

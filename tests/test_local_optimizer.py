@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from raysim.client.optimizer import LocalOptimizer
-from raysim.client.train import client_rng, make_optimizer, train_client
+from raysim.client.rng import client_rng
+from raysim.client.train import make_optimizer, train_client
 from raysim.config import ModelConfig, TrainingConfig
 from raysim.models.flat import FlatParams
 from raysim.models.zoo import build_model

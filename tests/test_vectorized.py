@@ -15,7 +15,8 @@ import torch
 
 import raysim
 from raysim.client.build import build_pipeline
-from raysim.client.train import client_rng, make_optimizer, train_client
+from raysim.client.rng import client_rng
+from raysim.client.train import make_optimizer, train_client
 from raysim.client.training import ClientRuntime, LocalTraining, VectorizedTraining
 from raysim.client.vectorized import StackedClient, StackedTrainer
 from raysim.config import ModelConfig, TrainingConfig, parse_scenario
@@ -303,3 +304,28 @@ def test_stacked_training_on_cuda_matches_the_cpu():
     result = trainer.train(clients, lambda order, a: None)
     assert result.local.device.type == "cuda"
     assert torch.allclose(result.local.cpu(), cpu.local, rtol=1e-4, atol=1e-5)
+
+
+def test_a_private_clients_bits_do_not_depend_on_how_wide_its_stack_mates_batches_are():
+    """A client of small Poisson batches trained alone, and beside clients whose batches reach 45: the same bits.
+    Padding each step to the stack's widest batch made a one-row ``bmm`` over a longer row associate otherwise
+    (this CPU, widths from 13 on), so a client's model changed with its stack mates, and so with the worker count."""
+    from raysim.privacy.dp.vectorized_dpsgd import PrivateClient, PrivateStackedTrainer
+
+    torch.manual_seed(0)
+    classes = 5
+    model = build_model(ModelConfig(kind="mlp", hidden=[32]), (16,), classes)
+    start = FlatParams(model).vector.clone()
+    g = torch.Generator().manual_seed(5)
+    sizes = [24, 2000, 1500]  # batches of about 24 (alone: a width of 24 to 31), and of about 32 (up to 45)
+    clients = [PrivateClient(x=torch.randn(n, 16, generator=g), y=torch.randint(0, classes, (n,), generator=g),
+                             epochs=1, seed=11 + k, start=start, accountant_state=None) for k, n in enumerate(sizes)]
+    stacked = StackedTrainer(model, (16,), TrainingConfig(batch_size=32), torch.device("cpu"), 2**30).stacked
+
+    def trained(members: list[int]) -> torch.Tensor:
+        return PrivateStackedTrainer(stacked, 32, 0.1, 1.0, 1.0, "rdp", 1e-5, torch.device("cpu")).train(
+            [clients[k] for k in members]).local
+
+    together = trained([0, 1, 2])
+    assert torch.equal(trained([0]), together[[0]])
+    assert torch.equal(trained([2, 0]), together[[2, 0]])

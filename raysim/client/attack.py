@@ -7,10 +7,13 @@ rules run as the encoding stage's server half, and the norm bound is its own sta
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from raysim.adversary.clients import MaliciousClients
 from raysim.client.pipeline import Chunk, ClientUpdate, Stage
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Attack(Stage):
@@ -24,6 +27,8 @@ class Attack(Stage):
             update.x, update.y = self.adversary.poison_data(update.x, update.y, chunk.round_index, update.client_id)
 
     def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
+        import torch
+
         if update.attacker:
             poisoned = self.adversary.poison_update(update.delta.cpu().numpy(), chunk.round_index, update.client_id)
             update.delta = torch.from_numpy(poisoned).to(update.delta.device)

@@ -8,14 +8,19 @@ in ``norm_bounded``.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from raysim.client.pipeline import Chunk, ClientUpdate, Stage
 from raysim.config import AggregationConfig
 
+if TYPE_CHECKING:
+    import torch
+
 
 class FiniteCheck(Stage):
     def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
+        import torch
+
         # One reduction: a float64 sum of float32 values cannot overflow, and any NaN or Inf makes it non-finite.
         if bool(torch.isfinite(update.delta.sum(dtype=torch.float64))):
             return True
@@ -28,6 +33,8 @@ class NormBound(Stage):
         self.bound, self.reject = aggregation.norm_bound, aggregation.norm_bound_action == "reject"
 
     def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
+        import torch
+
         norm = float(torch.linalg.vector_norm(update.delta.to(torch.float64)))
         if norm <= self.bound:
             return True

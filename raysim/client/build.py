@@ -3,14 +3,15 @@
     train → fault → attack → finite check → norm bound → compress (error feedback) → DP clip → encode
 
 A stage is in a run's pipeline when the scenario turns its feature on; training, the finite check and
-the encoding always are. DP's clip comes after compression, so what a client sends, compressed,
+the encoding always are, except that the server's list has no training stage, which has no server half:
+the server process imports no torch. DP's clip comes after compression, so what a client sends, compressed,
 is what is clipped: the sensitivity stays the clip norm S (the clip only scales the codec's values). The worker builds its pipeline with its resident model (``runtime``) and the
 clients' storage key; the server builds the same list without them, for the server halves.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -23,16 +24,22 @@ from raysim.client.encode import Encoding
 from raysim.client.faults import FaultInjection
 from raysim.client.personal import Personalization
 from raysim.client.pipeline import Pipeline, Stage
-from raysim.client.training import ClientRuntime, LocalTraining, VectorizedTraining
 from raysim.config import Scenario
 from raysim.config.compat import vectorize_choice
 from raysim.privacy.secagg.sealed_state import RowSealer
 from raysim.strategies.base import ClientHalf
 
+if TYPE_CHECKING:
+    from raysim.client.training import ClientRuntime
 
-def _training(s: Scenario, parts: dict) -> Stage:
+
+def _training(s: Scenario, parts: dict) -> Stage | None:
     runtime, strategy = parts.get("runtime"), parts.get("strategy") or ClientHalf()
-    if runtime is not None and vectorize_choice(s)[0]:
+    if runtime is None:  # the server's pipeline
+        return None
+    from raysim.client.training import LocalTraining, VectorizedTraining
+
+    if vectorize_choice(s)[0]:
         return VectorizedTraining(s, runtime, strategy, parts["feature_shape"])
     return LocalTraining(s, runtime, strategy)
 

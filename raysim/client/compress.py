@@ -13,15 +13,17 @@ those coordinates. Under distributed DP the clients' discrete noise is sized to 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from raysim.client.pipeline import Chunk, ClientUpdate, Released, Stage
-from raysim.client.train import client_rng
+from raysim.client.rng import client_rng
 from raysim.compression import CompressionSpec, compress_roundtrip, compress_with_feedback, shared_mask_indices
 from raysim.config import CompressionConfig, Scenario
+
+if TYPE_CHECKING:
+    import torch
 
 
 def shared_mask_seed(scenario: Scenario, round_index: int) -> int | None:
@@ -40,6 +42,8 @@ class Compression(Stage):
                                     unbiased=not config.error_feedback)  # d/k scaling would make error feedback diverge
 
     def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
+        import torch
+
         k = update.position
         residual = None if chunk.residuals is None else chunk.residuals[k]
         rng = client_rng(self.seed, chunk.round_index, update.client_id, stream=17)

@@ -15,15 +15,17 @@ model and only steps the accountant.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from raysim.client.pipeline import Chunk, ClientUpdate, Released, Stage
 from raysim.privacy.dp.clipping import clip_to_norm
 from raysim.privacy.dp.distributed import quantized_sensitivity
 from raysim.privacy.secagg.setup import SecureRound, quantization_scale
+
+if TYPE_CHECKING:
+    import torch
 
 
 def ring_sensitivity(clip_norm: float, secure: SecureRound, dim: int) -> float:
@@ -37,6 +39,8 @@ class DPClip(Stage):
         self.control_clip_norm = control_clip_norm  # SCAFFOLD's S_c; None without control deltas
 
     def client(self, update: ClientUpdate, chunk: Chunk) -> bool:
+        import torch
+
         if chunk.plan.clip_norm is None:  # an async step: no DP plan
             return True
         clipped, _, within = clip_to_norm(update.delta.cpu().numpy(), chunk.plan.clip_norm)

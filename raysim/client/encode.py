@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from raysim.client.pipeline import Chunk, ClientUpdate, Released, Stage
-from raysim.client.train import client_rng
+from raysim.client.rng import client_rng
 from raysim.compression import dense_bytes, shared_mask_indices
 from raysim.config import Scenario
 from raysim.privacy.secagg import ClientGroup, PhaseOutput

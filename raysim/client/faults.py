@@ -10,11 +10,15 @@ workers) are the engine's: ``raysim.engine.faults``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from raysim.client.pipeline import Chunk, ClientUpdate, Stage
 from raysim.config import FaultsConfig, Scenario
+
+if TYPE_CHECKING:
+    import torch
 
 _STREAM = 23
 
@@ -38,6 +42,8 @@ def client_fault(faults: FaultsConfig | None, seed: int, round_index: int, clien
 
 def corrupt_update(delta: torch.Tensor, kind: str, huge_scale: float) -> torch.Tensor:
     """The update a faulty client sends instead of ``delta``."""
+    import torch
+
     if kind == "nan":
         return torch.full_like(delta, float("nan"))
     if kind == "inf":

@@ -31,15 +31,18 @@ an aggregate.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from raysim.client.optimizer import LocalOptimizer
+import numpy as np
+
 from raysim.client.pipeline import Chunk, ClientUpdate, Released, Stage
-from raysim.client.train import client_rng, evaluate, train_client
+from raysim.client.rng import client_rng
 from raysim.config import PersonalizationConfig, Scenario
 from raysim.errors import ScenarioError
+
+if TYPE_CHECKING:  # the client halves run in workers, which import torch; the server's FedPer half needs none
+    import torch
+    from torch import nn
 
 PERSONAL_STREAM, FINETUNE_STREAM = 13, 14
 PRIVACY_NOTE = {
@@ -112,11 +115,19 @@ class Personalization(Stage):
         self.scenario, self.config, self.runtime = scenario, scenario.personalization, runtime
         fedper = self.config.method == "fedper"
         self.personal = personal if runtime is None or not fedper else personal_indices(runtime.model, self.config)
-        self.index = None if self.personal is None or runtime is None else torch.from_numpy(self.personal).to(runtime.device)
-        self.optimizer = None if runtime is None else LocalOptimizer(runtime.flat.params, lr=scenario.training.lr)
+        self.index = self.optimizer = None
+        if runtime is not None:
+            import torch
+
+            from raysim.client.optimizer import LocalOptimizer
+
+            self.index = None if self.personal is None else torch.from_numpy(self.personal).to(runtime.device)
+            self.optimizer = LocalOptimizer(runtime.flat.params, lr=scenario.training.lr)
 
     def _row(self, chunk: Chunk, k: int) -> torch.Tensor | None:
         """The client's personal values on the device, or None before its first round."""
+        import torch
+
         row = chunk.personal[k]
         return None if row[0] == 0 else torch.from_numpy(np.array(row[1:], dtype=np.float32)).to(self.runtime.device)
 
@@ -155,6 +166,10 @@ class Personalization(Stage):
 
     def _personal_pass(self, update: ClientUpdate, chunk: Chunk, v: torch.Tensor | None) -> torch.Tensor:
         """Ditto's or APFL's training of v_k on the client's samples; returns the new v_k."""
+        import torch
+
+        from raysim.client.train import train_client
+
         runtime, training, config = self.runtime, self.scenario.training, self.config
         w = chunk.global_t
         v = w.clone() if v is None else v
@@ -182,6 +197,8 @@ class Personalization(Stage):
 def personalized_vector(config: PersonalizationConfig, global_t: torch.Tensor, row: np.ndarray | None,
                         personal: np.ndarray | None) -> torch.Tensor:
     """The model a client is evaluated with, for fedper, ditto and apfl (the global model before its first round)."""
+    import torch
+
     if row is None or row[0] == 0:
         return global_t
     values = torch.from_numpy(np.array(row[1:], dtype=np.float32)).to(global_t.device)
@@ -198,6 +215,11 @@ def evaluate_client(scenario: Scenario, runtime, personal: np.ndarray | None, gl
                     row: np.ndarray | None, train: tuple[np.ndarray, np.ndarray], held: tuple[np.ndarray, np.ndarray],
                     client_id: int, round_index: int) -> tuple[int, int, int]:
     """(correct with the global model, correct with the personalized one, held-out samples) for one client."""
+    import torch
+
+    from raysim.client.optimizer import LocalOptimizer
+    from raysim.client.train import evaluate, train_client
+
     x, y = (torch.from_numpy(a).to(runtime.device) for a in held)
     if x.shape[0] == 0:
         return 0, 0, 0

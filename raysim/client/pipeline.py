@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from raysim.client.messages import ChunkResult, ClientBatch, RoundPlan
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Chunk:
     start: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
+        import torch  # a worker's; the server process builds no chunk and imports no torch
+
         n, device = len(self.batch.client_ids), self.global_t.device
         self.delta_sum = torch.zeros(self.dim, dtype=torch.float64, device=device)
         self.weights, self.losses, self.steps = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)

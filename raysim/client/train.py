@@ -35,11 +35,6 @@ def make_optimizer(config: TrainingConfig, params: list[nn.Parameter]) -> LocalO
     return LocalOptimizer(params, kind=config.optimizer, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
 
 
-def client_rng(seed: int, round_index: int, client_id: int, stream: int = 0) -> np.random.Generator:
-    """The generator for one client in one round: the same wherever and whenever the client runs."""
-    return np.random.default_rng([seed, round_index, client_id, stream])
-
-
 def seed_torch(seed: int, device: torch.device) -> None:
     """Seed the torch generator that ``device`` draws from (dropout): the CPU's, and the GPU's on CUDA.
 

@@ -19,7 +19,8 @@ import torch
 from raysim.client.faults import InjectedClientError
 from raysim.client.optimizer import LocalOptimizer
 from raysim.client.pipeline import Chunk, ClientUpdate, Stage
-from raysim.client.train import LocalResult, client_rng, make_optimizer, seed_torch, train_client
+from raysim.client.rng import client_rng
+from raysim.client.train import LocalResult, make_optimizer, seed_torch, train_client
 from raysim.client.vectorized import StackedClient, StackedTrainer
 from raysim.config import ExecutorConfig, Scenario
 from raysim.errors import ScenarioError, first_line

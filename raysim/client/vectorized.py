@@ -142,6 +142,8 @@ class StackedModel:
             offset += sum(sizes)
         if offset != self.dim:
             raise ValueError("model: its trainable parameters are not the stacked layers' (frozen layers are not vectorized)")
+        self.bounds = [(start, start + n) for start, sizes in self.slices  # each parameter's columns of a row
+                       for start, n in zip(np.cumsum([start, *sizes[:-1]]).tolist(), sizes)]
         self.activations = _activation_numel(model, sample_shape)
 
     def split(self, rows: torch.Tensor) -> list[torch.Tensor]:

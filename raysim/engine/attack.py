@@ -66,7 +66,7 @@ def membership(run_dir: Path, max_samples: int = 2000, shadows: int = 0) -> dict
     attack (``lira``): half of the held-out samples become the shadow pool, the other half the non-members."""
     import torch
 
-    from raysim.client.train import client_rng
+    from raysim.client.rng import client_rng
     from raysim.models.flat import FlatParams
     from raysim.models.zoo import build_model
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from raysim.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,16 @@ class Classification:
     text: bool = False
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(output, target)
+        from torch.nn.functional import cross_entropy
+
+        return cross_entropy(output, target)
 
     def eval_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
         """(summed cross-entropy, correct predictions, samples) on one batch."""
+        from torch.nn.functional import cross_entropy
+
         logits = model(x)
-        return (float(nn.functional.cross_entropy(logits, y, reduction="sum")),
+        return (float(cross_entropy(logits, y, reduction="sum")),
                 int((logits.argmax(dim=1) == y).sum()), int(x.shape[0]))
 
     def metrics(self, loss_sum: float, correct: int, count: int) -> dict[str, float]:

@@ -7,9 +7,12 @@ partial work is handled by the engine (``training.straggler_fraction``). Server:
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from raysim.strategies.base import ClientHalf, Strategy
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FedProx(Strategy):

@@ -15,12 +15,14 @@ so both can be aggregated securely.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from raysim.strategies.base import Aggregate, ClientHalf, Strategy
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RowStore(Protocol):
@@ -80,6 +82,8 @@ class ScaffoldClient(ClientHalf):
     def state_delta(self, client_state: torch.Tensor, server_state: torch.Tensor, anchor: torch.Tensor,
                     local: torch.Tensor, steps: int) -> torch.Tensor:
         """Δc_i = −c + (x − y)/(K·η_l); zero for a client that took no step."""
+        import torch
+
         if steps == 0:
             return torch.zeros_like(client_state)
         return (anchor - local) / (steps * self.lr) - server_state

@@ -13,9 +13,13 @@ each parameter of each step alone, which cost more than the rest of the step): w
 two paths agree to floating-point summation order, and with noise on they differ by its realization. The accountant is Opacus's
 (``accountant.PrivacyAccountant``), stepped once per step with (σ, q), as Opacus steps it.
 
-A client's result does not depend on the other clients of its stack, whose batches set the padded
-width: every sum over samples is a ``bmm`` (zero padding adds exact zeros), and the width is at least
-``MIN_WIDTH``. Per-sample gradients come from one batched forward and one backward to each layer's output
+A client's result does not depend on the other clients of its stack: every step's batches are padded to
+one width fixed by the batch size alone (``private_width``: the Poisson batch's largest mean plus three
+standard deviations), and a step whose largest batch is wider runs in blocks of that width, each
+block's sums added in block order (zero padding adds exact zeros). Every kernel then sees the same shapes
+whichever clients share the stack, so a client's bits are those it would get alone, on 1 worker or 2. (A
+width set by the stack's largest batch made them depend on it: a reduction over a longer padded row may
+associate differently, which this CPU's one-row ``bmm`` did for widths from 13 on.) Per-sample gradients come from one batched forward and one backward to each layer's output
 (``raysim.client.vectorized.StackedModel``'s taps), as Opacus's grad samplers make them from
 activations and backpropagated gradients; a linear layer's are kept as the factors of their outer
 product, whose norm needs no product (``LayerSamples``), and the clipped sum is one ``bmm``.
@@ -30,15 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
 from raysim.client.vectorized import StackedModel
 from raysim.privacy.dp.accountant import PrivacyAccountant, validate_noise_multiplier
 
 
-# The padded batch width is at least this: a CPU matmul of 1 to 3 rows takes another kernel, whose
-# rounding differs, so a client's rows would depend on how wide its stack's largest batch is.
-MIN_WIDTH = 8
 NOISE_BLOCK = 8  # steps of noise drawn per client at a time
 MASK_BLOCK = 2**20  # uniforms drawn per client at a time for its Poisson masks
 
@@ -64,6 +64,13 @@ class PrivateStackResult:
     mean_loss: np.ndarray
     accountant_states: list[dict[str, Any]]
     epsilons: np.ndarray
+
+
+def private_width(batch_size: int) -> int:
+    """The padded width of every private step's batches: Opacus's rate q = 1/ceil(n/B) gives a Poisson batch of
+    mean n·q <= B and variance <= B, which exceeds B + 3·sqrt(B) about once in a thousand draws (a step whose
+    widest batch does runs in two blocks), and at least 8 rows (a matmul of fewer takes another kernel)."""
+    return max(8, math.ceil(batch_size + 3 * math.sqrt(batch_size)))
 
 
 def opacus_rate(n: int, batch_size: int) -> tuple[float, int, int]:
@@ -117,35 +124,29 @@ def clip_factors(pieces: list[LayerSamples], counts: torch.Tensor, clip_norm: fl
     return (clip_norm / (norms + 1e-6)).clamp(max=1.0) * valid
 
 
-class PoissonBatches:
-    """One client's Poisson batches as Opacus's loader draws them from its generator: each epoch's iterator
-    first takes a base seed (``torch.utils.data``'s iterator does), then one uniform mask per step. The
-    masks of an epoch are drawn a block of steps at a time (the same stream: ``rand(k, n)`` is k
-    ``rand(n)``), at most ``MASK_BLOCK`` numbers a draw, and turned into the block's batches at once: a
-    row of sample indices per step, in ascending order, padded with 0 past the step's batch size."""
-
-    def __init__(self, generator: torch.Generator, n: int, rate: float, per_epoch: int) -> None:
-        self.generator, self.n, self.rate, self.per_epoch = generator, n, rate, per_epoch
-        self.step, self.row = 0, 0
-        self.rows: tuple[torch.Tensor, ...] = ()
-        self.sizes: list[int] = []
-
-    def next(self) -> tuple[torch.Tensor, int]:
-        """The next step's batch: its row of indices (the first ``size`` are the batch) and its size."""
-        within = self.step % self.per_epoch
-        if within == 0:
-            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        if self.row == len(self.sizes):
-            rows = max(1, min(self.per_epoch - within, MASK_BLOCK // self.n))
-            hits = (torch.rand(rows, self.n, generator=self.generator) < self.rate).nonzero()  # row-major
-            sizes = torch.bincount(hits[:, 0], minlength=rows)
-            position = torch.arange(len(hits)) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
-            block = torch.zeros(rows, max(1, int(sizes.max())), dtype=torch.int64)
+def poisson_batches(generator: torch.Generator, n: int, rate: float, per_epoch: int,
+                    epochs: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    """One client's Poisson batches, every step of its ``epochs``, as Opacus's loader draws them from its
+    generator: each epoch's iterator first takes a base seed (``torch.utils.data``'s iterator does), then one
+    uniform mask per step. An epoch's masks are drawn a block of steps at a time (the same stream:
+    ``rand(k, n)`` is k ``rand(n)``), at most ``MASK_BLOCK`` numbers a draw, and turned into the block's
+    batches at once. Returns each block's (steps, its widest batch) rows of sample indices, ascending and
+    padded with 0 (the client's first sample) past each step's batch size, and the sizes of all steps."""
+    blocks, sizes = [], []
+    for _ in range(epochs):
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        done = 0
+        while done < per_epoch:
+            rows = max(1, min(per_epoch - done, MASK_BLOCK // n))
+            hits = (torch.rand(rows, n, generator=generator) < rate).nonzero()  # row-major
+            counts = torch.bincount(hits[:, 0], minlength=rows)
+            position = torch.arange(len(hits)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+            block = torch.zeros(rows, max(1, int(counts.max())), dtype=torch.int64)
             block[hits[:, 0], position] = hits[:, 1]
-            self.rows, self.sizes, self.row = block.unbind(0), sizes.tolist(), 0
-        batch, size = self.rows[self.row], self.sizes[self.row]
-        self.row, self.step = self.row + 1, self.step + 1
-        return batch, size
+            blocks.append(block)
+            sizes.append(counts.numpy())
+            done += rows
+    return blocks, np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64)
 
 
 class PrivateStackedTrainer:
@@ -156,11 +157,13 @@ class PrivateStackedTrainer:
         self.stacked, self.batch_size, self.lr, self.device = stacked, batch_size, lr, device
         self.noise_multiplier, self.clip_norm = validate_noise_multiplier(noise_multiplier), clip_norm
         self.accountant, self.delta = accountant, delta
+        self.width = private_width(batch_size)
 
     def clipped_sum(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each client's sum of its per-sample gradients clipped to C, in the flat (a, D) layout, and the
-        (a, width) per-sample losses, for (a, width, ...) inputs of which the first ``counts`` are real."""
+                    counts: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each client's sum of its per-sample gradients clipped to C, one (a, size) piece per parameter in the
+        flat layout's order, and the (a, width) per-sample losses, for (a, width, ...) inputs of which the first
+        ``counts`` are real."""
         params = self.stacked.split(rows)
         taps: list = []
         output = self.stacked.forward(params, x, taps)
@@ -168,47 +171,75 @@ class PrivateStackedTrainer:
         outputs = torch.autograd.grad(losses.sum(), [out for _, _, out in taps])  # each sample's own loss
         pieces = [per_sample_grads(layer, inputs, grad) for (layer, inputs, _), grad in zip(taps, outputs)]
         factor = clip_factors(pieces, counts, self.clip_norm)
-        return torch.cat([summed for piece in pieces for summed in piece.clipped_sum(factor)], dim=1), losses.detach()
+        return [summed for piece in pieces for summed in piece.clipped_sum(factor)], losses.detach()
+
+    def batches(self, clients: list[PrivateClient], rates: list[tuple[float, int, int]],
+                order: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Every client's Poisson batches, drawn up front from its own sampling generator: (clients in ``order``,
+        steps, blocks · width) indices into the stack's concatenated samples, each row padded with the client's
+        first sample, and the (clients, steps) batch sizes (0 past a client's last step)."""
+        drawn = []
+        for j in order.tolist():
+            c, (rate, per_epoch, _) = clients[j], rates[j]
+            sample_seed = int(np.random.SeedSequence(c.seed).generate_state(2)[0])
+            drawn.append(poisson_batches(torch.Generator().manual_seed(sample_seed), int(c.x.shape[0]), rate,
+                                         per_epoch, c.epochs))
+        longest = max((len(sizes) for _, sizes in drawn), default=0)
+        widest = max((int(sizes.max(initial=0)) for _, sizes in drawn), default=0)
+        span = max(1, -(-widest // self.width)) * self.width  # almost always one block
+        index = torch.zeros(len(drawn), longest, span, dtype=torch.int64)
+        counts = np.zeros((len(drawn), longest), dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum([int(c.x.shape[0]) for c in clients])])
+        for row, (j, (blocks, sizes)) in enumerate(zip(order.tolist(), drawn)):
+            step = 0
+            for block in blocks:
+                index[row, step : step + len(block), : block.shape[1]] = block
+                step += len(block)
+            index[row] += int(starts[j])
+            counts[row, : len(sizes)] = sizes
+        return index, counts
 
     def train(self, clients: list[PrivateClient]) -> PrivateStackResult:
-        device, stacked = self.device, self.stacked
+        device, stacked, width = self.device, self.stacked, self.width
         sizes = [int(c.x.shape[0]) for c in clients]
         rates = [opacus_rate(n, self.batch_size) for n in sizes]
         steps = np.array([c.epochs * per_epoch for c, (_, per_epoch, _) in zip(clients, rates)])
         order = np.argsort(-steps, kind="stable")
-        samplers, noises = [], []
-        for c, n, rate in zip(clients, sizes, rates):
-            sample_seed, noise_seed = (int(s) for s in np.random.SeedSequence(c.seed).generate_state(2))
-            samplers.append(PoissonBatches(torch.Generator().manual_seed(sample_seed), n, rate[0], rate[1]))
-            noises.append(torch.Generator(device=device).manual_seed(noise_seed))
+        index, counts = self.batches(clients, rates, order)
+        index = index.to(device)
+        noises = [torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(clients[j].seed).generate_state(2)[1]))
+                  for j in order.tolist()]
         weights = torch.stack([clients[j].start for j in order]).float()
-        expected = torch.tensor([float(rates[j][2]) for j in order], device=device)
+        pieces = [weights[:, lo:hi] for lo, hi in stacked.bounds]  # each parameter's columns, updated in place
+        expected = torch.tensor([float(rates[j][2]) for j in order], device=device)[:, None]
         x, y = torch.cat([c.x for c in clients]), torch.cat([c.y for c in clients])
-        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
         active = (steps[order][None, :] > np.arange(int(steps.max(initial=0)))[:, None]).sum(axis=1)
         std = self.noise_multiplier * self.clip_norm
         loss_sum, loss_batches = np.zeros(len(clients)), np.zeros(len(clients), dtype=np.int64)
         for step, a in enumerate(active.tolist()):
-            top = order[:a]
-            batches = [samplers[j].next() for j in top.tolist()]
-            counts = np.array([size for _, size in batches])
-            width = max(MIN_WIDTH, int(counts.max()))
-            index = pad_sequence([row for row, _ in batches], batch_first=True)[:, :width]
-            index = nn.functional.pad(index, (0, width - index.shape[1]))  # padding: each client's first sample
-            index = (index + offsets[top][:, None]).to(device)
-            count = torch.from_numpy(counts).to(device)
-            summed, losses = self.clipped_sum(weights[:a], x[index], y[index], count)
-            if std:
-                if step % NOISE_BLOCK == 0:  # the next NOISE_BLOCK steps' noise of every client still training
-                    block = self._noise([noises[j] for j in top.tolist()], [int(steps[j]) - step for j in top.tolist()])
-                summed += block[:a, step % NOISE_BLOCK]
+            sizes_now = counts[:a, step]
+            summed, loss_sums = None, None
+            for b in range(max(1, -(-int(sizes_now.max()) // width))):  # each block's sums, added in block order
+                rows = index[:a, step, b * width : (b + 1) * width]
+                count = torch.from_numpy(np.clip(sizes_now - b * width, 0, width)).to(device)
+                part, losses = self.clipped_sum(weights[:a], x[rows], y[rows], count)
+                valid = (torch.arange(width, device=device)[None, :] < count[:, None]).float()
+                part_loss = torch.bmm(valid[:, None, :], losses[:, :, None])[:, 0, 0]
+                if b == 0:
+                    summed, loss_sums = part, part_loss
+                else:
+                    summed, loss_sums = [s + p for s, p in zip(summed, part)], loss_sums + part_loss
+            if std and step % NOISE_BLOCK == 0:  # the next NOISE_BLOCK steps' noise of every client still training
+                noise = self._noise(noises[:a], [int(steps[j]) - step for j in order[:a].tolist()])
             with torch.no_grad():
-                weights[:a].add_(summed / expected[:a, None], alpha=-self.lr)
-            valid = (torch.arange(width, device=device)[None, :] < count[:, None]).float()
-            mean = (torch.bmm(valid[:, None, :], losses[:, :, None])[:, 0, 0] / count.clamp(min=1)).cpu().numpy()
-            nonempty = counts > 0
-            loss_sum[top[nonempty]] += mean[nonempty]
-            loss_batches[top[nonempty]] += 1
+                for piece, grad, (lo, hi) in zip(pieces, summed, stacked.bounds):
+                    if std:
+                        grad += noise[:a, step % NOISE_BLOCK, lo:hi]
+                    piece[:a].add_(grad / expected[:a], alpha=-self.lr)
+            mean = (loss_sums / torch.from_numpy(sizes_now).to(device).clamp(min=1)).cpu().numpy()
+            nonempty = sizes_now > 0
+            loss_sum[order[:a][nonempty]] += mean[nonempty]
+            loss_batches[order[:a][nonempty]] += 1
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
         states, epsilons = [], np.zeros(len(clients))
@@ -230,7 +261,6 @@ class PrivateStackedTrainer:
         block = torch.empty(len(generators), NOISE_BLOCK, self.stacked.dim, device=self.device)
         for row, (generator, steps) in enumerate(zip(generators, left)):
             rows = min(NOISE_BLOCK, steps)
-            torch.randn(rows, self.stacked.dim, generator=generator, device=self.device, out=block[row, :rows])
+            block[row, :rows].normal_(0.0, std, generator=generator)  # randn's draws, times std in the same pass
             block[row, rows:] = 0.0
-        block.mul_(std)
         return block
