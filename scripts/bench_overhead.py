@@ -27,7 +27,7 @@ import raysim  # noqa: E402
 from raysim.config import parse_scenario  # noqa: E402
 from raysim.data.load import load_data, partition_data  # noqa: E402
 from raysim.engine.sampling import sample_clients  # noqa: E402
-from raysim.engine.core import initial_global  # noqa: E402
+from raysim.models.initial import initial_global  # noqa: E402
 from raysim.engine.server import local_epochs  # noqa: E402
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan  # noqa: E402
 from raysim.strategies import Aggregate, make_strategy  # noqa: E402

@@ -412,7 +412,7 @@ def vectorized_cuda(args: argparse.Namespace, out_dir: Path) -> None:
     from raysim.client.messages import ClientBatch, RoundPlan
     from raysim.config import load_scenario
     from raysim.data.load import load_data, partition_data
-    from raysim.engine.core import initial_global
+    from raysim.models.initial import initial_global
     from raysim.engine.sampling import sample_clients
     from raysim.engine.server import local_epochs
     from raysim.engine.worker import ClientWorker

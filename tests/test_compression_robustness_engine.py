@@ -13,7 +13,7 @@ import raysim
 from raysim.compression import dense_bytes, keep_count
 from raysim.config import load_scenario, parse_scenario
 from raysim.data.load import load_data
-from raysim.engine.core import initial_global
+from raysim.models.initial import initial_global
 from raysim.errors import ScenarioError
 from raysim.models.zoo import build_model
 

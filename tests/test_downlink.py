@@ -13,7 +13,7 @@ from raysim.compression import dense_bytes
 from raysim.compression.downlink import Downlink
 from raysim.config import DownlinkConfig, apply_overrides, parse_scenario
 from raysim.engine import checkpoint
-from raysim.engine.core import initial_global
+from raysim.models.initial import initial_global
 from raysim.engine.runner import execute
 
 QUANTIZE_HEADER = 5 + 9  # kind and dimension, then bits, min and max (codec.py's table)

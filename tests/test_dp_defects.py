@@ -45,19 +45,18 @@ def _epsilon(z: float, q: float, steps: int, delta: float = 1e-5) -> float:
 
 @pytest.fixture
 def make_server(tiny_scenario):
-    """A RoundServer of the tiny scenario with ``overrides``, without workers (nothing here calls Ray)."""
-    threads = torch.get_num_threads()
+    """A RoundServer of the tiny scenario with ``overrides``, without workers (nothing here calls Ray, and the
+    rounds run evaluate nothing: the workers evaluate)."""
 
     def make(overrides: list[str]) -> RoundServer:
-        scenario = parse_scenario(apply_overrides(tiny_scenario, overrides))
+        scenario = parse_scenario(apply_overrides(tiny_scenario, ["rounds=10", "evaluation.every=10", *overrides]))
         rng = np.random.default_rng(0)
         x_test, y_test = rng.normal(size=(20, 16)).astype(np.float32), rng.integers(0, 5, 20)
         system = client_system(scenario, np.full(scenario.num_clients, 48))
-        return RoundServer(scenario, [], x_test, y_test, (16,), 5, system=system,
+        return RoundServer(scenario, [], (x_test, y_test), (16,), 5, system=system,
                            dp_total_weight=float(scenario.num_clients))
 
-    yield make
-    torch.set_num_threads(threads)  # RoundServer pins torch to one thread for the actor it normally lives in
+    return make
 
 
 # --- 1. over-selection ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from opacus.accountants.utils import get_noise_multiplier
 import raysim
 from raysim.config import PrivacyConfig, apply_overrides, parse_scenario
 from raysim.engine import checkpoint
-from raysim.engine.core import initial_global
+from raysim.models.initial import initial_global
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
 from raysim.errors import ScenarioError
 from raysim.privacy.dp.local_target import local_noise_for_target

@@ -11,7 +11,7 @@ from raysim.client.samples import split_holdout
 from raysim.config import SamplingConfig, load_scenario
 from raysim.data.load import load_data, partition_data
 from raysim.engine.sampling import sample_clients, uniform_subset
-from raysim.engine.core import initial_global
+from raysim.models.initial import initial_global
 from raysim.errors import ScenarioError
 from raysim.models.zoo import build_model
 

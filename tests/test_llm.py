@@ -10,7 +10,7 @@ import torch
 import raysim
 from raysim.data import text
 from raysim.data.load import load_data, partition_data
-from raysim.engine.core import initial_global
+from raysim.models.initial import initial_global
 from raysim.engine.validation import parse_and_validate as parse_scenario  # the schema and the engine's checks
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
 from raysim.errors import ScenarioError

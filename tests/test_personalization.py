@@ -11,7 +11,7 @@ import torch
 import raysim
 from raysim.client.personal import module_names, personal_indices
 from raysim.config import apply_overrides
-from raysim.engine.core import initial_global
+from raysim.models.initial import initial_global
 from raysim.engine.runner import execute
 from raysim.engine.validation import parse_and_validate
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan

@@ -5,7 +5,7 @@ import pytest
 
 import raysim
 from raysim.config import apply_overrides
-from raysim.engine.core import initial_global
+from raysim.models.initial import initial_global
 from raysim.engine.validation import parse_and_validate as parse_scenario  # the schema and the engine's checks
 from raysim.errors import ScenarioError
 

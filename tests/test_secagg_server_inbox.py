@@ -23,7 +23,7 @@ from raysim.engine.pool import create_workers
 from raysim.engine.sampling import sample_clients
 from raysim.engine.evaluation import chunked
 from raysim.engine.server import RoundServer, local_epochs
-from raysim.engine.core import initial_global
+from raysim.models.initial import initial_global
 from raysim.engine.worker import ClientBatch, ClientWorker, RoundPlan
 from raysim.privacy.he import generate_keys
 from raysim.privacy.he.protocol import DecryptedSum, EncryptedUpdate
@@ -108,7 +108,7 @@ def inbox_of(free_cluster, tiny_scenario, tmp_path, monkeypatch):
             return value
 
         try:
-            server = RoundServer(scenario, workers, dataset.x_test, dataset.y_test, dataset.feature_shape,
+            server = RoundServer(scenario, workers, (dataset.x_test, dataset.y_test), dataset.feature_shape,
                                  dataset.num_classes, str(tmp_path / "state"), float(part.sizes().max()),
                                  prepared=prepared, he=None if he is None else (he[0], he[1].public))
             start = server.core.global_vec.copy()

@@ -80,3 +80,15 @@ def test_the_worker_actor_forwards_every_remote_method_of_the_client_worker():
     public = {name for name, _ in inspect.getmembers(ClientWorker, inspect.isfunction) if not name.startswith("_")}
     assert set(REMOTE_METHODS) == public - local_only
     assert all(callable(getattr(WorkerActor, name)) for name in REMOTE_METHODS)
+
+
+def test_the_server_actor_runs_a_plain_run_without_importing_torch(ray_session, tiny_scenario):
+    """The server actor's process imports no torch: a worker builds the initial model and the workers evaluate
+    (here every round), so a run's start-up pays torch's imports in the workers alone."""
+    session = current()
+    session.discard()  # a fresh server actor, which no earlier run in the suite has touched
+    result = raysim.run(tiny_scenario)
+    assert all("accuracy" in m for m in result.history)  # evaluated every round
+    host = session.server_host()
+    assert ray.get(host.__ray_call__.remote(lambda _: sorted(m for m in ("torch", "opacus", "transformers")
+                                                                if m in sys.modules))) == []

@@ -27,7 +27,7 @@ import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import ray
@@ -153,12 +153,13 @@ def staleness_stats(staleness: np.ndarray) -> dict[str, Any]:
 class AsyncServer(CoreServer):
     """The body of the server actor in async mode; ``run_round(i)`` runs server step i + 1."""
 
-    def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
+    def __init__(self, scenario: Scenario, workers: list, test: Sequence[Any],
                  feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
                  max_client_weight: float = 1.0, *, system: ClientSystem, dp_total_weight: float = 1.0,
-                 prepared: Prepared | None = None, he: tuple[HEParams, bytes] | None = None) -> None:
-        self.core = ServerCore(scenario, workers, x_test, y_test, feature_shape, num_classes, state_dir, dp_total_weight,
-                               prepared, he)
+                 prepared: Prepared | None = None, he: tuple[HEParams, bytes] | None = None,
+                 initial: np.ndarray | None = None) -> None:
+        self.core = ServerCore(scenario, workers, test, feature_shape, num_classes, state_dir, dp_total_weight,
+                               prepared, he, initial)
         self.scenario = scenario
         run = scenario.asynchronous
         self.mode, self.alpha = run.mode, run.alpha

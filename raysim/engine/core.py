@@ -10,10 +10,9 @@ steps the model through the strategy.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from raysim.client.build import build_pipeline
 from raysim.client.personal import PRIVACY_NOTE, personal_indices
@@ -28,25 +27,11 @@ from raysim.engine.evaluation import Evaluator
 from raysim.engine.pool import Prepared, WorkerFailures
 from raysim.engine.reduce import Reduction, update_metrics
 from raysim.errors import ScenarioError
-from raysim.models.flat import FlatParams
-from raysim.models.zoo import build_model
 from raysim.privacy.secagg.sealed_state import sealed_width
 from raysim.strategies import Aggregate, ControlUpdate, make_strategy
 
 if TYPE_CHECKING:
     from raysim.privacy.he.params import HEParams
-
-
-def initial_model(scenario: Scenario, feature_shape: tuple[int, ...], num_classes: int) -> tuple[torch.nn.Module, FlatParams]:
-    """The seeded initial model and its flat parameter view."""
-    torch.manual_seed(scenario.seed)
-    model = build_model(scenario.model, feature_shape, num_classes)
-    return model, FlatParams(model)
-
-
-def initial_global(scenario: Scenario, feature_shape: tuple[int, ...], num_classes: int) -> np.ndarray:
-    """The seeded initial model as a flat float32 vector."""
-    return initial_model(scenario, feature_shape, num_classes)[1].numpy()
 
 
 def _public_context(blob: bytes) -> Any:
@@ -59,16 +44,22 @@ def _public_context(blob: bytes) -> Any:
 
 
 class ServerCore:
-    def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
-                 feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
-                 dp_total_weight: float = 1.0, prepared: Prepared | None = None,
-                 he: tuple[HEParams, bytes] | None = None) -> None:
-        torch.set_num_threads(1)
+    """The server's state and its updates; see the module docstring. Its process imports no torch: the workers
+    build the initial model (``initial``, from ``ClientWorker.initial_vector``) and evaluate it, and only FedPer
+    builds a model here, for its layers' coordinates."""
+
+    def __init__(self, scenario: Scenario, workers: list, test: Sequence[Any], feature_shape: tuple[int, ...],
+                 num_classes: int, state_dir: str | None = None, dp_total_weight: float = 1.0,
+                 prepared: Prepared | None = None, he: tuple[HEParams, bytes] | None = None,
+                 initial: np.ndarray | None = None) -> None:
         self.scenario, self.workers = scenario, workers
-        model, flat = initial_model(scenario, feature_shape, num_classes)  # built once, kept for evaluation
-        self.global_vec = flat.numpy()
+        if initial is None:  # no worker built it (a server made in a test)
+            from raysim.models.initial import initial_global
+
+            initial = initial_global(scenario, feature_shape, num_classes)
+        self.global_vec = np.array(initial, dtype=np.float32)
         self.dim = int(self.global_vec.size)
-        self.evaluator = Evaluator(scenario, model, flat, x_test, y_test, num_classes)
+        self.evaluator = Evaluator(scenario, test, num_classes)
         # Under secure aggregation or central/distributed DP clients' state rows are kept sealed, two header words wider.
         self.state_width = sealed_width(self.dim) if scenario.seals_client_state else self.dim
         self.state_dir = state_dir
@@ -79,7 +70,10 @@ class ServerCore:
         self.personal_index, self.personal = None, None
         if scenario.personalization is not None:  # each client's personal row (``raysim.client.personal``)
             if scenario.personalization.method == "fedper":  # one line for a bad layer name
-                self.personal_index = personal_indices(model, scenario.personalization)
+                from raysim.models.initial import initial_model
+
+                self.personal_index = personal_indices(initial_model(scenario, feature_shape, num_classes)[0],
+                                                       scenario.personalization)
             width = personal_width(scenario.personalization, self.dim, self.personal_index)
             if width:
                 self.personal = self._store("personal", sealed_width(width) if scenario.seals_client_state

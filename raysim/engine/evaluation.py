@@ -1,24 +1,24 @@
 """Evaluating the global model: centrally on the test set, and federated on clients' held-out samples.
 
-Small models are evaluated in the server process on a model built once. Language models are
-evaluated by the workers, on their devices, over fixed slices of the test set whose sums are added
-in slice order, so the result does not depend on the number of workers. Under an adversary with a
-backdoor, the share of triggered test samples classified as the attacker's target is reported too.
+The workers evaluate, on their devices, with the model they keep resident, so the server process needs no
+torch. A classifier's test set is evaluated whole in one call, in the batches a single process would take;
+a language model's over fixed slices whose sums are added in slice order, so the result does not depend
+on the number of workers either way. Under an adversary with a backdoor, the share of triggered test
+samples classified as the attacker's target is reported too.
 """
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import numpy as np
 import ray
-import torch
 
 from raysim.adversary.clients import MaliciousClients
 from raysim.client.personal import personal_metrics
-from raysim.client.train import evaluate
 from raysim.config import Scenario
-from raysim.engine.pool import WorkerFailures, map_chunks
+from raysim.engine.pool import WorkerFailures, map_chunks, shared_argument
 from raysim.engine.sampling import uniform_subset
-from raysim.models.flat import FlatParams
 from raysim.models.task import task_for
 
 
@@ -28,33 +28,48 @@ def chunked(client_ids: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 class Evaluator:
-    def __init__(self, scenario: Scenario, model: torch.nn.Module, flat: FlatParams, x_test: np.ndarray,
-                 y_test: np.ndarray, num_classes: int) -> None:
-        self.scenario, self.model, self.flat = scenario, model, flat
-        self.x_test, self.y_test = torch.from_numpy(np.array(x_test)), torch.from_numpy(np.array(y_test))
-        self.backdoor = None
-        if scenario.adversary is not None:
-            adversary = MaliciousClients(scenario.adversary, scenario.seed, scenario.num_clients, num_classes)
-            test = adversary.backdoor_test(np.asarray(x_test), np.asarray(y_test))
-            self.backdoor = None if test is None else (torch.from_numpy(test[0]), torch.from_numpy(test[1]))
+    """``test``: the test set's features and labels, as arrays or as references to them in the object store."""
+
+    def __init__(self, scenario: Scenario, test: Sequence[Any], num_classes: int) -> None:
+        self.scenario, self.test, self.num_classes = scenario, list(test), num_classes
+        self.task = task_for(scenario.model)
+        self.sets: dict[str, tuple[list[ray.ObjectRef], int]] | None = None
+
+    def _sets(self) -> dict[str, tuple[list[ray.ObjectRef], int]]:
+        """The sets evaluated centrally, each as (references, samples): the test set (put once, when given as
+        arrays) and, under a backdoor attack, its triggered copy."""
+        if self.sets is None:
+            refs = [a if isinstance(a, ray.ObjectRef) else ray.put(np.asarray(a)) for a in self.test]
+            x, y = ray.get(refs)  # zero-copy
+            self.sets = {"test": (refs, len(y))}
+            if self.scenario.adversary is not None:
+                scenario = self.scenario
+                adversary = MaliciousClients(scenario.adversary, scenario.seed, scenario.num_clients, self.num_classes)
+                triggered = adversary.backdoor_test(np.asarray(x), np.asarray(y))
+                if triggered is not None:
+                    self.sets["backdoor"] = ([ray.put(a) for a in triggered], len(triggered[1]))
+        return self.sets
 
     def central(self, global_vec: np.ndarray, workers: list, failures: WorkerFailures) -> dict[str, float]:
         """Accuracy and mean loss on the central test set (per-token loss, perplexity and next-token
         accuracy for a causal LM)."""
-        task = task_for(self.scenario.model)
-        if task.text:
-            n, size = len(self.y_test), 4 * task.eval_batch_size
-            refs = (ray.put(global_vec), ray.put(self.x_test.numpy()), ray.put(self.y_test.numpy()))
-            spans = [(start, min(start + size, n)) for start in range(0, n, size)]
-            results = map_chunks(workers, "evaluate_test", spans, refs, 1, failures=failures)
-            return task.metrics(sum(r.loss_sum for r in results), sum(r.correct for r in results),
-                                sum(r.samples for r in results))
-        self.flat.load(global_vec)
-        metrics = task.metrics(*evaluate(self.model, self.x_test, self.y_test, task=task))
-        if self.backdoor is not None:
-            _, correct, samples = evaluate(self.model, *self.backdoor, task=task)
+        sets = self._sets()
+        metrics = self.task.metrics(*self._sums(global_vec, sets["test"], workers, failures))
+        if "backdoor" in sets:
+            _, correct, samples = self._sums(global_vec, sets["backdoor"], workers, failures)
             metrics["backdoor_accuracy"] = correct / samples if samples else None
         return metrics
+
+    def _sums(self, global_vec: np.ndarray, data: tuple[list[ray.ObjectRef], int], workers: list,
+              failures: WorkerFailures) -> tuple[float, int, int]:
+        """(summed loss, correct, count) of the model ``global_vec`` on the set ``data`` (its references and size),
+        evaluated by the workers."""
+        refs, n = data
+        size = 4 * self.task.eval_batch_size if self.task.text else max(n, 1)  # a classifier's set in one call
+        spans = [(start, min(start + size, n)) for start in range(0, n, size)]
+        results = map_chunks(workers, "evaluate_test", spans, (shared_argument(global_vec), *refs), 1,
+                             failures=failures)
+        return sum(r.loss_sum for r in results), sum(r.correct for r in results), sum(r.samples for r in results)
 
     def federated(self, global_vec: np.ndarray, round_index: int, workers: list,
                   failures: WorkerFailures) -> dict[str, float]:

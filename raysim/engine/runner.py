@@ -185,7 +185,7 @@ def _key_authority(scenario: Scenario, feature_shape: tuple[int, ...], num_class
     config = scenario.secure_aggregation
     if config is None or config.backend != "he":
         return None
-    from raysim.engine.core import initial_global
+    from raysim.models.initial import initial_global
     from raysim.privacy.he.keys import generate_keys
     from raysim.privacy.he.setup import run_params
 
@@ -234,10 +234,12 @@ def _execute(scenario: Scenario, session: Session, resume: Path | None, profile:
             extra["train_sizes"] = train_sizes(part.sizes(), scenario.evaluation.held_out)
         if he is not None:
             extra["he"] = (he.params, he.keys.public)
+        # The server actor imports no torch: a worker builds the initial model (Ray hands the server the vector,
+        # as ``start`` begins) and the workers evaluate, on the test set's references (a list: not resolved).
         calls.append(host.start.remote(
-            scenario.asynchronous is not None, scenario, pool.workers, *test_refs, dataset.feature_shape,
+            scenario.asynchronous is not None, scenario, pool.workers, test_refs, dataset.feature_shape,
             dataset.num_classes, str(folder.path / checkpoint.STORE_DIR), float(max(part.sizes().max(), 1)),
-            system=system, prepared=prepared, **extra))
+            system=system, prepared=prepared, initial=pool.workers[0].initial_vector.remote(), **extra))
         del dataset, part  # the object store holds the only copy from here on
         try:
             ray.get(calls)

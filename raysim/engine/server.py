@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -54,13 +54,13 @@ def local_epochs(scenario: Scenario, sampled: np.ndarray, round_index: int) -> n
 class RoundServer(CoreServer):
     """The body of the server actor in synchronous mode."""
 
-    def __init__(self, scenario: Scenario, workers: list, x_test: np.ndarray, y_test: np.ndarray,
+    def __init__(self, scenario: Scenario, workers: list, test: Sequence[Any],
                  feature_shape: tuple[int, ...], num_classes: int, state_dir: str | None = None,
                  max_client_weight: float = 1.0, system: ClientSystem | None = None, dp_total_weight: float = 1.0,
                  prepared: Prepared | None = None, he: tuple[HEParams, bytes] | None = None,
-                 train_sizes: np.ndarray | None = None) -> None:
-        self.core = ServerCore(scenario, workers, x_test, y_test, feature_shape, num_classes, state_dir, dp_total_weight,
-                               prepared, he)
+                 train_sizes: np.ndarray | None = None, initial: np.ndarray | None = None) -> None:
+        self.core = ServerCore(scenario, workers, test, feature_shape, num_classes, state_dir, dp_total_weight,
+                               prepared, he, initial)
         self.scenario = scenario
         uncapped = scenario.strategy.client_weighting == "samples" and self.core.central_dp is None
         self.weight_bound = max_client_weight if uncapped else 1.0  # DP-FedAvg weights are min(n/cap, 1) ≤ 1

@@ -30,6 +30,7 @@ from raysim.client.training import ClientRuntime, VectorizedTraining
 from raysim.config import Scenario
 from raysim.engine.faults import WorkerChaos
 from raysim.engine.handover import WorkerNotReady, WorkerSetup, open_sealed
+from raysim.models.initial import initial_global
 from raysim.models.task import task_for
 from raysim.models.zoo import build_model
 from raysim.privacy.secagg import PhaseOutput
@@ -124,6 +125,7 @@ class ClientWorker:
         self.encoding: Encoding = self.pipeline.find(Encoding)
         self.x, self.y, self.indices, self.offsets = data
         self.holdout = scenario.evaluation.held_out
+        self.feature_shape, self.num_classes = tuple(feature_shape), num_classes
         # What exists now (torch, Ray, the model: 200,000 objects) lives as long as the run: left to the cyclic
         # collector, each full collection rescans it (about 90 ms here), some 5 ms of every round's call.
         gc.freeze()
@@ -132,7 +134,8 @@ class ClientWorker:
         """Drop the run's state, so the object store can free its data once the run ends."""
         self.token = None
         gc.unfreeze()  # the finished run's objects become collectable again
-        for name in ("scenario", "chaos", "runtime", "pipeline", "vectorized", "encoding", "x", "y", "indices", "offsets", "holdout"):
+        for name in ("scenario", "chaos", "runtime", "pipeline", "vectorized", "encoding", "x", "y", "indices", "offsets", "holdout",
+                     "feature_shape", "num_classes"):
             self.__dict__.pop(name, None)
 
     def _client_arrays(self, client_id: int, held_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -247,11 +250,17 @@ class ClientWorker:
 
     def evaluate_test(self, global_vec: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, index: int,
                       span: tuple[int, int]) -> EvalResult:
-        """Central evaluation of a language model on this worker's device: test samples [start, stop)."""
+        """Central evaluation on this worker's device, for the server (``raysim.engine.evaluation``): the model
+        ``global_vec`` on test samples [start, stop)."""
         runtime = self.runtime
         runtime.flat.load(np.asarray(global_vec, dtype=np.float32))
         x, y = (torch.from_numpy(a[span[0] : span[1]]).to(runtime.device) for a in (x_test, y_test))
         return EvalResult(index, 0.0, 0, 0).plus(*evaluate(runtime.model, x, y, task=runtime.task))
+
+    def initial_vector(self) -> np.ndarray:
+        """The run's seeded initial model as a flat vector, built as any process builds it, for the server actor
+        (whose process imports no torch)."""
+        return initial_global(self.scenario, self.feature_shape, self.num_classes)
 
     def placement(self) -> dict[str, object]:
         """Where this worker runs: its node, process and device (for tests and reports)."""

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 # ClientWorker's methods that the engine calls remotely (tests/test_session.py checks this list against the class).
 REMOTE_METHODS = ("prepare", "release", "train", "train_pack", "train_many", "secure_phase", "end_secure_round",
-                  "secure_plain_sum", "secure_encoded_sum", "evaluate", "evaluate_personal", "evaluate_test", "placement")
+                  "secure_plain_sum", "secure_encoded_sum", "evaluate", "evaluate_personal", "evaluate_test",
+                  "initial_vector", "placement")
 
 
 class WorkerActor:
