@@ -11,8 +11,8 @@ from raysim.client.samples import split_holdout
 from raysim.config import SamplingConfig, load_scenario
 from raysim.data.load import load_data, partition_data
 from raysim.engine.sampling import sample_clients, uniform_subset
-from raysim.models.initial import initial_global
 from raysim.errors import ScenarioError
+from raysim.models.initial import initial_global
 from raysim.models.zoo import build_model
 
 FEDERATED = ["evaluation.federated=true", "evaluation.federated_clients=15"]  # evaluation never changes training
@@ -124,6 +124,28 @@ def test_federated_evaluation_reports_accuracy_on_held_out_client_data(ray_sessi
     untrained, _ = check.federated(check.untrained(), round_index=2)
     assert last["fed_accuracy"] > untrained + 0.3  # 0.68 against 0.28: the trained model, not the initial one
     assert last["fed_accuracy"] == pytest.approx(last["accuracy"], abs=0.1)  # the same distribution as the test set
+
+
+def test_the_workers_central_evaluation_is_bit_for_bit_one_processs(ray_session, tiny_scenario):
+    """The workers evaluate the test set (6,000 samples: two evaluation batches, on two workers) and the server adds
+    the batches' sums in order: the final accuracy and test loss are exactly those of evaluating the final model
+    in this process, batch after batch."""
+    from raysim.client.train import evaluate
+    from raysim.models.flat import FlatParams
+    from raysim.models.task import task_for
+
+    raw = {**tiny_scenario, "rounds": 2, "data": {**tiny_scenario["data"], "num_samples": 30000}}
+    result = raysim.run(raw)
+    scenario = raysim.Scenario.model_validate(raw)
+    data = load_data(scenario)
+    assert len(data.y_test) == 6000
+    torch.manual_seed(0)
+    model = build_model(scenario.model, data.feature_shape, data.num_classes)
+    FlatParams(model).load(result.global_vector)
+    task = task_for(scenario.model)
+    expected = task.metrics(*evaluate(model, torch.from_numpy(data.x_test), torch.from_numpy(data.y_test), task=task))
+    final = result.history[-1]
+    assert (final["accuracy"], final["test_loss"]) == (expected["accuracy"], expected["test_loss"])
 
 
 def test_server_optimizer_runs_end_to_end(ray_session, tiny_scenario):

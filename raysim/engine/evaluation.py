@@ -1,9 +1,9 @@
 """Evaluating the global model: centrally on the test set, and federated on clients' held-out samples.
 
 The workers evaluate, on their devices, with the model they keep resident, so the server process needs no
-torch. A classifier's test set is evaluated whole in one call, in the batches a single process would take;
-a language model's over fixed slices whose sums are added in slice order, so the result does not depend
-on the number of workers either way. Under an adversary with a backdoor, the share of triggered test
+torch. The test set is cut into fixed slices (a classifier's are its evaluation batches), spread over the
+workers, and their sums are added in slice order: the result does not depend on the number of workers, and
+a classifier's is bit for bit what one process evaluating batch after batch gets. Under an adversary with a backdoor, the share of triggered test
 samples classified as the attacker's target is reported too.
 """
 
@@ -65,7 +65,8 @@ class Evaluator:
         """(summed loss, correct, count) of the model ``global_vec`` on the set ``data`` (its references and size),
         evaluated by the workers."""
         refs, n = data
-        size = 4 * self.task.eval_batch_size if self.task.text else max(n, 1)  # a classifier's set in one call
+        # A classifier's spans are its evaluation batches, so the sums are those one process adds, batch by batch.
+        size = 4 * self.task.eval_batch_size if self.task.text else self.task.eval_batch_size
         spans = [(start, min(start + size, n)) for start in range(0, n, size)]
         results = map_chunks(workers, "evaluate_test", spans, (shared_argument(global_vec), *refs), 1,
                              failures=failures)

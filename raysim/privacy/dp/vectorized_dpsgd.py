@@ -85,14 +85,17 @@ class LayerSamples:
     the output gradient and the input, whose norm is ‖g‖·‖h‖, so it is never formed; a convolution's is
     formed per sample (its L positions sum inside it)."""
 
-    def __init__(self, out_grad: torch.Tensor, inputs: torch.Tensor | None, formed: torch.Tensor | None) -> None:
+    def __init__(self, out_grad: torch.Tensor, inputs: torch.Tensor | None, formed: torch.Tensor | None,
+                 input_norms2: torch.Tensor | None = None) -> None:
         self.out_grad, self.inputs, self.formed = out_grad, inputs, formed
+        self.input_norms2 = input_norms2  # a linear layer's ‖h‖² per sample, when known beforehand (the data's)
 
     def norms2(self) -> torch.Tensor:
         """(a, width) squared norms of the per-sample gradients of this layer's weight and bias."""
         if self.formed is not None:
             return self.formed.square().sum(dim=(2, 3)) + self.out_grad.square().sum(dim=2)
-        return self.out_grad.square().sum(dim=2) * (self.inputs.square().sum(dim=2) + 1)
+        inputs2 = self.input_norms2 if self.input_norms2 is not None else self.inputs.square().sum(dim=2)
+        return self.out_grad.square().sum(dim=2) * (inputs2 + 1)
 
     def clipped_sum(self, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, weight size) and (a, bias size) sums over samples of ``factor``-scaled per-sample gradients."""
@@ -159,17 +162,19 @@ class PrivateStackedTrainer:
         self.accountant, self.delta = accountant, delta
         self.width = private_width(batch_size)
 
-    def clipped_sum(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    counts: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def clipped_sum(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor,
+                    x_norms2: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Each client's sum of its per-sample gradients clipped to C, one (a, size) piece per parameter in the
         flat layout's order, and the (a, width) per-sample losses, for (a, width, ...) inputs of which the first
-        ``counts`` are real."""
+        ``counts`` are real; ``x_norms2``, the inputs' squared norms, spares a linear first layer computing them."""
         params = self.stacked.split(rows)
         taps: list = []
         output = self.stacked.forward(params, x, taps)
         losses = nn.functional.cross_entropy(output.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
         outputs = torch.autograd.grad(losses.sum(), [out for _, _, out in taps])  # each sample's own loss
         pieces = [per_sample_grads(layer, inputs, grad) for (layer, inputs, _), grad in zip(taps, outputs)]
+        if x_norms2 is not None and pieces[0].inputs is x:
+            pieces[0].input_norms2 = x_norms2
         factor = clip_factors(pieces, counts, self.clip_norm)
         return [summed for piece in pieces for summed in piece.clipped_sum(factor)], losses.detach()
 
@@ -213,6 +218,7 @@ class PrivateStackedTrainer:
         pieces = [weights[:, lo:hi] for lo, hi in stacked.bounds]  # each parameter's columns, updated in place
         expected = torch.tensor([float(rates[j][2]) for j in order], device=device)[:, None]
         x, y = torch.cat([c.x for c in clients]), torch.cat([c.y for c in clients])
+        x_norms2 = x.flatten(1).square().sum(dim=1)  # once a call, not every step: each sample's ‖x‖²
         active = (steps[order][None, :] > np.arange(int(steps.max(initial=0)))[:, None]).sum(axis=1)
         std = self.noise_multiplier * self.clip_norm
         loss_sum, loss_batches = np.zeros(len(clients)), np.zeros(len(clients), dtype=np.int64)
@@ -222,7 +228,7 @@ class PrivateStackedTrainer:
             for b in range(max(1, -(-int(sizes_now.max()) // width))):  # each block's sums, added in block order
                 rows = index[:a, step, b * width : (b + 1) * width]
                 count = torch.from_numpy(np.clip(sizes_now - b * width, 0, width)).to(device)
-                part, losses = self.clipped_sum(weights[:a], x[rows], y[rows], count)
+                part, losses = self.clipped_sum(weights[:a], x[rows], y[rows], count, x_norms2[rows])
                 valid = (torch.arange(width, device=device)[None, :] < count[:, None]).float()
                 part_loss = torch.bmm(valid[:, None, :], losses[:, :, None])[:, 0, 0]
                 if b == 0:
