@@ -144,13 +144,15 @@ class VectorizedTraining(LocalTraining):
         privacy, training = scenario.privacy, scenario.training
         local_dp = privacy is not None and privacy.mechanism == "local"
         extra = 2 if scenario.strategy.name == "scaffold" else 0
-        if local_dp:  # per-sample gradients and their clipped copies, of Poisson batches of about batch_size
-            extra += 4 * training.batch_size
+        if local_dp:  # per-sample gradients and their clipped copies, of Poisson batches padded to the private width
+            from raysim.privacy.dp.vectorized_dpsgd import private_width  # Opacus's accountant: DP runs only
+
+            extra += 4 * private_width(training.batch_size)
         self.trainer = StackedTrainer(runtime.model, sample_shape, training, runtime.device,
                                       memory_budget(scenario.executor, runtime.device), extra_rows=extra)
         self.private = None
         if local_dp:
-            from raysim.privacy.dp.vectorized_dpsgd import PrivateStackedTrainer  # Opacus's accountant: DP runs only
+            from raysim.privacy.dp.vectorized_dpsgd import PrivateStackedTrainer
 
             self.private = PrivateStackedTrainer(
                 self.trainer.stacked, training.batch_size, training.lr, privacy.noise_multiplier, privacy.clip_norm,
