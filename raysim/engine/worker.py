@@ -104,6 +104,9 @@ class ClientWorker:
             self.setup(payload.scenario, tuple(ray.get(list(payload.data))), payload.feature_shape, payload.num_classes, key,
                        he_secret)
             self.token = token
+            # What the actor holds now (torch, Ray, the run's model: some 200,000 objects) lives as long as the run;
+            # left to the cyclic collector, every full collection rescans it (about 90 ms here).
+            gc.freeze()
         return self.position
 
     def setup(self, scenario: Scenario, data: tuple[np.ndarray, ...], feature_shape: tuple[int, ...],
@@ -126,14 +129,11 @@ class ClientWorker:
         self.x, self.y, self.indices, self.offsets = data
         self.holdout = scenario.evaluation.held_out
         self.feature_shape, self.num_classes = tuple(feature_shape), num_classes
-        # What exists now (torch, Ray, the model: 200,000 objects) lives as long as the run: left to the cyclic
-        # collector, each full collection rescans it (about 90 ms here), some 5 ms of every round's call.
-        gc.freeze()
 
     def release(self) -> None:
         """Drop the run's state, so the object store can free its data once the run ends."""
         self.token = None
-        gc.unfreeze()  # the finished run's objects become collectable again
+        gc.unfreeze()  # the finished run's objects become collectable again (``prepare`` froze them)
         for name in ("scenario", "chaos", "runtime", "pipeline", "vectorized", "encoding", "x", "y", "indices", "offsets", "holdout",
                      "feature_shape", "num_classes"):
             self.__dict__.pop(name, None)
