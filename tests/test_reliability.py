@@ -85,6 +85,15 @@ def _session_processes() -> list:
     return psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid).children(recursive=True)
 
 
+def _wait_for_the_server_actor_to_end(timeout: float = 60.0) -> None:
+    """Until the session's server actor process is gone: Ray ends a dead driver's actors only after it notices,
+    and the warm session's own server actor was stopped before the child started (``_start_run``)."""
+    deadline = time.monotonic() + timeout
+    while any("ServerHost" in " ".join(_cmdline(p)) for p in _session_processes()):
+        assert time.monotonic() < deadline, "the dead run's server actor is still running"
+        time.sleep(0.1)
+
+
 def _cmdline(process) -> list[str]:
     import psutil
 
@@ -109,6 +118,7 @@ def test_an_async_run_killed_with_sigkill_resumes_to_a_bit_identical_model(tmp_p
     _wait_for_rounds(child, run_dir, 3)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
+    _wait_for_the_server_actor_to_end()  # a checkpoint the dead driver asked for may still be being written
     saved = checkpoint.latest(run_dir)
     assert saved is not None and saved.rounds_done in (2, 4)
 
