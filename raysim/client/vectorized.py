@@ -135,26 +135,18 @@ class StackedModel:
         self.layers = stacked_layers(model)
         self.shapes = [p.shape for p in model.parameters() if p.requires_grad]
         self.dim = sum(shape.numel() for shape in self.shapes)
-        offset, self.slices = 0, []
-        for layer in self.layers:
-            sizes = [p.numel() for p in layer.parameters()]
-            self.slices.append((offset, sizes))
-            offset += sum(sizes)
-        if offset != self.dim:
+        self.params = [p for layer in self.layers for p in layer.parameters()]  # in FlatParams order
+        ends = np.cumsum([p.numel() for p in self.params]).tolist()
+        self.bounds = list(zip([0, *ends[:-1]], ends))  # each parameter's columns of a row
+        if (ends[-1] if ends else 0) != self.dim:
             raise ValueError("model: its trainable parameters are not the stacked layers' (frozen layers are not vectorized)")
-        self.bounds = [(start, start + n) for start, sizes in self.slices  # each parameter's columns of a row
-                       for start, n in zip(np.cumsum([start, *sizes[:-1]]).tolist(), sizes)]
         self.activations = _activation_numel(model, sample_shape)
 
     def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter of every row, as (a, *shape) views of ``rows``, each a leaf that wants its gradient
         (separate leaves, so the backward never scatters into the whole (a, D) matrix)."""
-        views = []
-        for layer, (offset, sizes) in zip(self.layers, self.slices):
-            for p, n in zip(layer.parameters(), sizes):
-                views.append(rows[:, offset : offset + n].view(rows.shape[0], *p.shape).detach().requires_grad_(True))
-                offset += n
-        return views
+        return [rows[:, lo:hi].view(rows.shape[0], *p.shape).detach().requires_grad_(True)
+                for p, (lo, hi) in zip(self.params, self.bounds)]
 
     def forward(self, params: list[torch.Tensor], x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
         """The stacked output for ``split`` parameters and (a, B, ...) inputs. ``taps``, when given, gets

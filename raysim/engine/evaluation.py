@@ -3,8 +3,8 @@
 The workers evaluate, on their devices, with the model they keep resident, so the server process needs no
 torch. The test set is cut into fixed slices (a classifier's are its evaluation batches), spread over the
 workers, and their sums are added in slice order: the result does not depend on the number of workers, and
-a classifier's is bit for bit what one process evaluating batch after batch gets. Under an adversary with a backdoor, the share of triggered test
-samples classified as the attacker's target is reported too.
+a classifier's is bit for bit what one process evaluating batch after batch gets. Under an adversary with a
+backdoor, the share of triggered test samples classified as the attacker's target is reported too.
 """
 
 from __future__ import annotations
