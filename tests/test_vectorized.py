@@ -18,7 +18,7 @@ from raysim.client.build import build_pipeline
 from raysim.client.rng import client_rng
 from raysim.client.train import make_optimizer, train_client
 from raysim.client.training import ClientRuntime, LocalTraining, VectorizedTraining
-from raysim.client.vectorized import StackedClient, StackedTrainer
+from raysim.client.vectorized import StackedClient, StackedModel, StackedTrainer
 from raysim.config import ModelConfig, TrainingConfig, parse_scenario
 from raysim.config.compat import vectorize_choice
 from raysim.errors import ScenarioError
@@ -113,6 +113,49 @@ def test_stacked_hooks_equal_the_sequential_hooks(half):
 
     result = _stacked(model, shape, config, data, EPOCHS, start, hook_for)
     assert torch.allclose(result.local, expected, rtol=1e-5, atol=1e-6), (result.local - expected).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["logreg", "mlp", "mlp2"])
+def test_the_hand_written_backward_is_autograds_bit_for_bit(kind, monkeypatch):
+    """Linear/ReLU stacks backpropagate by hand (``StackedModel.by_hand``); plain training under every optimizer
+    and hook, and DP-SGD's per-sample gradients, must give autograd's bits."""
+    from raysim.privacy.dp.vectorized_dpsgd import PrivateClient
+
+    if kind == "mlp2":  # two hidden layers: the backward crosses a ReLU between two linear layers
+        torch.manual_seed(0)
+        model, shape = build_model(ModelConfig(kind="mlp", hidden=[16, 8]), (12,), CLASSES), (12,)
+    else:
+        model, shape = _model(kind)
+    data, start = _data(shape), FlatParams(model).vector.clone()
+    dim = start.numel()
+    owns = torch.randn(len(data), dim, generator=torch.Generator().manual_seed(5)) * 0.1
+    proximal = ProximalClient(mu=0.5)
+
+    def hook_for(order, a):
+        return proximal.gradient_hook(start.expand(a, dim), None, owns[order[:a].tolist()])
+
+    clients = [PrivateClient(x=x, y=y, epochs=max(e, 1), seed=c, start=start, accountant_state=None)
+               for c, ((x, y), e) in enumerate(zip(data, EPOCHS))]
+    runs = {}
+    for by_hand in (True, False):
+        monkeypatch.setattr(StackedModel, "__init__", _keeping(StackedModel.__init__, by_hand))
+        plain = [_stacked(model, shape, config, data, EPOCHS, start, hook) for config in OPTIMIZERS.values()
+                 for hook in (lambda order, a: None, hook_for)]
+        private = _private(model, shape, 0.8, 0.5, 0.2).train(clients)
+        runs[by_hand] = [(r.local, r.mean_loss) for r in plain] + [(private.local, private.mean_loss)]
+        monkeypatch.undo()
+    assert all((hand - start).abs().max() > 1e-3 for hand, _ in runs[True])  # every run trained
+    for (hand, hand_loss), (auto, auto_loss) in zip(runs[True], runs[False]):
+        assert torch.equal(hand, auto), (hand - auto).abs().max()
+        assert np.array_equal(hand_loss, auto_loss, equal_nan=True)
+
+
+def _keeping(init, by_hand: bool):
+    """``StackedModel.__init__`` with ``by_hand`` forced (False: autograd, as for a convolutional model)."""
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.by_hand = by_hand
+    return patched
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

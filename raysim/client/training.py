@@ -215,6 +215,8 @@ class VectorizedTraining(LocalTraining):
     def _hooks(self, chunks: list[Chunk], stack: list[StackedClient], owns: list[torch.Tensor | None]):
         """``hook_for(order, a)``: the strategy's gradient hook over the top ``a`` rows of the stack."""
         def hook_for(order: np.ndarray, a: int):
+            if not self.strategy.hooks_gradients:
+                return None
             top = order[:a].tolist()
             anchor = torch.stack([stack[j].start for j in top])
             own = None if owns[0] is None else torch.stack([owns[j] for j in top])

@@ -141,6 +141,10 @@ class StackedModel:
         if (ends[-1] if ends else 0) != self.dim:
             raise ValueError("model: its trainable parameters are not the stacked layers' (frozen layers are not vectorized)")
         self.activations = _activation_numel(model, sample_shape)
+        # Linear, ReLU and Flatten layers only (logistic regression, the MLP): ``loss_and_grad`` backpropagates by
+        # hand, kernel for kernel what autograd runs, without its graph (most of a small step's cost)
+        self.by_hand = all(isinstance(layer, (nn.Linear, nn.ReLU, nn.Flatten)) for layer in self.layers)
+        self.first_linear = next((i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)), 0)
 
     def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter of every row, as (a, *shape) views of ``rows``, each a leaf that wants its gradient
@@ -171,6 +175,82 @@ class StackedModel:
     def flat(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Per-parameter gradients back in the (a, D) flat layout."""
         return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+
+    def loss_and_grad(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
+                      count: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Each row's mean cross-entropy over its ``count`` real samples of (a, B, ...) inputs (``valid`` masks
+        them), returned as (a,), with its gradient written into ``grad`` (a, D): ``torch.autograd.grad`` of the
+        losses' sum through ``forward``, bit for bit (``by_hand`` models only; the tests hold it to autograd)."""
+        a = x.shape[0]
+        output, saved = self._forward_by_hand(rows, x)
+        log_probs, target = torch.log_softmax(output.flatten(0, 1), dim=1), y.flatten()
+        loss = (nn.functional.nll_loss(log_probs, target, reduction="none").view(a, -1) * valid).sum(dim=1) / count
+        per_sample = valid * (torch.ones(a, device=x.device) / count)[:, None]  # d loss.sum() / d sample loss
+        self._backward_by_hand(saved, _cross_entropy_backward(log_probs, target, per_sample), grad)
+        return loss
+
+    def sample_losses_by_hand(self, rows: torch.Tensor, x: torch.Tensor,
+                              y: torch.Tensor) -> tuple[torch.Tensor, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
+        """Each sample's own loss (a, B), and for each linear layer (the layer, its input, the gradient of the
+        losses' sum with respect to its output): ``forward``'s taps and their ``torch.autograd.grad``, bit for
+        bit, without autograd (``by_hand`` models only)."""
+        output, saved = self._forward_by_hand(rows, x)
+        log_probs, target = torch.log_softmax(output.flatten(0, 1), dim=1), y.flatten()
+        losses = nn.functional.nll_loss(log_probs, target, reduction="none").view(y.shape)
+        upstream = _cross_entropy_backward(log_probs, target, torch.ones_like(losses))
+        return losses, self._backward_by_hand(saved, upstream)
+
+    def _forward_by_hand(self, rows: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """``forward`` without autograd, keeping what the backward reads: a linear layer's (layer, weight, input),
+        a ReLU's output, a Flatten's input shape (None where its input is already flat)."""
+        a, b = x.shape[:2]
+        h, saved = x, []
+        taken = iter([rows[:, lo:hi].view(a, *p.shape) for p, (lo, hi) in zip(self.params, self.bounds)])
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear):
+                weight, bias = next(taken), next(taken)
+                saved.append((layer, weight, h))
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+            elif isinstance(layer, nn.ReLU):
+                h = torch.relu(h)
+                saved.append(h)
+            else:  # Flatten; flat samples stay the very tensor (whose norms DP-SGD knows)
+                saved.append(h.shape if h.dim() > 3 else None)
+                h = h.reshape(a, b, -1) if h.dim() > 3 else h
+        return h, saved
+
+    def _backward_by_hand(self, saved: list, upstream: torch.Tensor,
+                          grad: torch.Tensor | None = None) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+        """Backpropagate ``upstream``, the gradient at the output, with the kernels autograd runs for ``forward``
+        (``threshold_backward`` for ReLU; for a linear layer a sum for its bias, ``bmm`` of its input for its
+        weight and ``bmm`` of its weight for its input): fills ``grad`` (a, D) when given, and returns each
+        linear layer's (layer, input, output gradient) in forward order. The data's gradient is not formed."""
+        taps, pieces = [], iter(reversed(self.bounds))
+        for item in reversed(saved[self.first_linear:]):
+            if item is None:  # Flatten of flat samples
+                continue
+            if isinstance(item, torch.Size):  # Flatten
+                upstream = upstream.reshape(item)
+            elif isinstance(item, torch.Tensor):  # ReLU's output
+                upstream = torch.ops.aten.threshold_backward(upstream, item, 0)
+            else:
+                layer, weight, inputs = item
+                taps.append((layer, inputs, upstream))
+                if grad is not None:
+                    (bias_lo, bias_hi), (weight_lo, weight_hi) = next(pieces), next(pieces)
+                    grad[:, bias_lo:bias_hi] = upstream.sum(dim=1)
+                    grad[:, weight_lo:weight_hi].view_as(weight).copy_(
+                        torch.bmm(inputs.transpose(1, 2), upstream).transpose(1, 2))
+                if item is not saved[self.first_linear]:
+                    upstream = torch.bmm(upstream, weight)
+        return taps[::-1]
+
+
+def _cross_entropy_backward(log_probs: torch.Tensor, target: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """The gradient at the logits of Σ per_sample · (each sample's cross-entropy), as autograd forms it:
+    nll's backward (−per_sample at the target), then log-softmax's. Returns (*per_sample.shape, classes)."""
+    upstream = torch.zeros_like(log_probs).scatter_(1, target[:, None], -per_sample.reshape(-1, 1))
+    return torch._log_softmax_backward_data(upstream, log_probs, 1, log_probs.dtype).view(*per_sample.shape, -1)
 
 
 def stacked_layers(model: nn.Module) -> list[nn.Module]:
@@ -255,14 +335,21 @@ class StackedTrainer:
         loss_sum = torch.zeros(len(clients), device=device)
         slots = torch.arange(config.batch_size, device=device)
         hooks: dict[int, Hook | None] = {}
+        grads = torch.empty_like(weights) if self.stacked.by_hand else None
         for step, a in enumerate(active):
             batch, count = rows[step, :a], counts[step, :a]
             valid = (slots < count[:, None]).float()
-            params = self.stacked.split(weights[:a])
-            output = self.stacked.forward(params, x[batch])
-            per_sample = nn.functional.cross_entropy(output.flatten(0, 1), y[batch].flatten(), reduction="none")
-            loss = (per_sample.view(a, -1) * valid).sum(dim=1) / count
-            grad = self.stacked.flat(torch.autograd.grad(loss.sum(), params))
+            inputs = x.index_select(0, batch.flatten()).view(*batch.shape, *x.shape[1:])
+            targets = y.index_select(0, batch.flatten()).view(batch.shape)
+            if grads is not None:
+                grad = grads[:a]
+                loss = self.stacked.loss_and_grad(weights[:a], inputs, targets, valid, count, grad)
+            else:
+                params = self.stacked.split(weights[:a])
+                output = self.stacked.forward(params, inputs)
+                per_sample = nn.functional.cross_entropy(output.flatten(0, 1), targets.flatten(), reduction="none")
+                loss = (per_sample.view(a, -1) * valid).sum(dim=1) / count
+                grad = self.stacked.flat(torch.autograd.grad(loss.sum(), params))
             if a not in hooks:
                 hooks[a] = hook_for(order, a)
             if hooks[a] is not None:

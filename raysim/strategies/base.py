@@ -58,6 +58,11 @@ class ClientHalf:
         """
         return None
 
+    @property
+    def hooks_gradients(self) -> bool:
+        """Whether ``gradient_hook`` may return a hook (a half that overrides it)."""
+        return type(self).gradient_hook is not ClientHalf.gradient_hook
+
     def state_delta(self, client_state: torch.Tensor, server_state: torch.Tensor, anchor: torch.Tensor,
                     local: torch.Tensor, steps: int) -> torch.Tensor | None:
         """The change to the client's own state after training (SCAFFOLD's Δc_i), or None."""

@@ -167,12 +167,16 @@ class PrivateStackedTrainer:
         """Each client's sum of its per-sample gradients clipped to C, one (a, size) piece per parameter in the
         flat layout's order, and the (a, width) per-sample losses, for (a, width, ...) inputs of which the first
         ``counts`` are real; ``x_norms2``, the inputs' squared norms, spares a linear first layer computing them."""
-        params = self.stacked.split(rows)
-        taps: list = []
-        output = self.stacked.forward(params, x, taps)
-        losses = nn.functional.cross_entropy(output.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-        outputs = torch.autograd.grad(losses.sum(), [out for _, _, out in taps])  # each sample's own loss
-        pieces = [per_sample_grads(layer, inputs, grad) for (layer, inputs, _), grad in zip(taps, outputs)]
+        if self.stacked.by_hand:
+            losses, taps = self.stacked.sample_losses_by_hand(rows, x, y)
+        else:
+            params = self.stacked.split(rows)
+            taps = []
+            output = self.stacked.forward(params, x, taps)
+            losses = nn.functional.cross_entropy(output.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+            outputs = torch.autograd.grad(losses.sum(), [out for _, _, out in taps])  # each sample's own loss
+            taps = [(layer, inputs, grad) for (layer, inputs, _), grad in zip(taps, outputs)]
+        pieces = [per_sample_grads(layer, inputs, grad) for layer, inputs, grad in taps]
         if x_norms2 is not None and pieces[0].inputs is x:
             pieces[0].input_norms2 = x_norms2
         factor = clip_factors(pieces, counts, self.clip_norm)
