@@ -148,3 +148,20 @@ def test_the_embedded_ray_starts_without_the_monitor_the_log_monitor_and_the_api
         assert script not in running
     agents = [cmdline for cmdline in scripts if "dashboard/agent.py" in cmdline]
     assert len(agents) == 1 and "--minimal" in agents[0].split()
+
+
+def test_the_embedded_ray_returns_a_packs_partial_sums_inline(ray_session):
+    """A result the size of a sync pack's partial sums (five float64 sums of a 9,610-parameter MLP: 385 KB)
+    comes back inside the call's reply, into the caller's memory store, not through the object store
+    (``cluster.DIRECT_RESULT_BYTES``; Ray's default of 100 KiB sends it through the store)."""
+    from raysim.engine.cluster import DIRECT_RESULT_BYTES
+
+    @ray.remote(num_cpus=0)
+    def partial_sums() -> np.ndarray:
+        return np.zeros((5, 9_610))
+
+    memory_store = ray._private.worker.global_worker.core_worker
+    before = memory_store.get_local_memory_store_bytes_used()
+    result = partial_sums.remote()
+    assert ray.get(result).nbytes == 5 * 9_610 * 8 < DIRECT_RESULT_BYTES
+    assert memory_store.get_local_memory_store_bytes_used() - before >= 5 * 9_610 * 8

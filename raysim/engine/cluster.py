@@ -97,6 +97,11 @@ def start_local(**options: Any) -> None:
     the monitor's 1 s graceful stop (``scripts/bench_startup.py``). The GCS, the raylet, the runtime-env
     agent and the workers are Ray's own, unchanged.
 
+    Results of up to ``DIRECT_RESULT_BYTES`` go from a worker to its caller inside the call's reply, not through
+    the object store (Ray's default is 100 KiB): a sync round's packs return one float64 partial sum per
+    chunk, 385 KB for five chunks of a 9,610-parameter MLP, and the store's create, seal, pin and release of
+    every such result kept the raylet at 13 % of a core in a vectorized run (1 % inline; 27 → 25 ms a round).
+
     "local" starts a fresh instance even when /tmp/ray/ray_current_cluster names another one. For the
     dashboard, start a cluster with ``ray start --head`` and pass its address instead.
     """
@@ -118,7 +123,11 @@ def start_local(**options: Any) -> None:
 
     with _LOCAL_START, _swapped(node, "Node", SimulationHead), \
             _swapped(utils, "get_dashboard_dependency_error", minimal_agent):
-        ray.init(address="local", include_dashboard=False, **options)
+        system = {"max_direct_call_object_size": DIRECT_RESULT_BYTES, **options.pop("_system_config", {})}
+        ray.init(address="local", include_dashboard=False, _system_config=system, **options)
+
+
+DIRECT_RESULT_BYTES = 4 * 2**20  # the embedded Ray's max_direct_call_object_size
 
 
 _LOCAL_START = threading.Lock()  # the swaps below are for one ray.init call at a time
