@@ -232,7 +232,10 @@ class PrivateStackedTrainer:
             for b in range(max(1, -(-int(sizes_now.max()) // width))):  # each block's sums, added in block order
                 rows = index[:a, step, b * width : (b + 1) * width]
                 count = torch.from_numpy(np.clip(sizes_now - b * width, 0, width)).to(device)
-                part, losses = self.clipped_sum(weights[:a], x[rows], y[rows], count, x_norms2[rows])
+                flat = rows.flatten()  # index_select: a plain gather, several times faster than x[rows]
+                part, losses = self.clipped_sum(weights[:a], x.index_select(0, flat).view(*rows.shape, *x.shape[1:]),
+                                                y.index_select(0, flat).view(rows.shape), count,
+                                                x_norms2.index_select(0, flat).view(rows.shape))
                 valid = (torch.arange(width, device=device)[None, :] < count[:, None]).float()
                 part_loss = torch.bmm(valid[:, None, :], losses[:, :, None])[:, 0, 0]
                 if b == 0:
