@@ -4,8 +4,8 @@ The scenario is ``bench_startup.SCENARIO`` (1,000 Dirichlet(0.5) clients, 50 a r
 over 60,000 x 64 synthetic samples, 30 rounds). Both sides run in one warm ``raysim.Session`` on a local
 Ray of ``--cpus`` CPUs, with two workers of one CPU each: each side once to warm the workers up, then
 ``--repeats`` times alternating. A side's time is the sum of its 30 rounds' seconds (each round as the
-driver times it: sampling, training, reduction, the model step and the round's evaluation), so
-start-up is left out; the medians are compared. ``--no-eval`` evaluates only after the last round, to
+driver times it, from the previous round's metrics to this one's: sampling, training, reduction, the model
+step, the round's evaluation and the driver's logging), so start-up is left out; the medians are compared. ``--no-eval`` evaluates only after the last round, to
 show training alone.
 
     engine_vectorize_speedup = sequential 30-round seconds / vectorized 30-round seconds

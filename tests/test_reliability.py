@@ -129,9 +129,9 @@ def test_an_async_run_killed_with_sigkill_resumes_to_a_bit_identical_model(tmp_p
 
 
 def test_sigterm_then_sigint_mid_run_and_resume_give_a_bit_identical_model(tmp_path, tiny_scenario):
-    """SIGTERM exits 143 and SIGINT 130, each after checkpointing the round in flight (a SIGKILLed run,
-    which leaves only the periodic checkpoints, is the async test above)."""
-    raw = {**tiny_scenario, "rounds": 6, "checkpoint": {"every": 4}}  # periodic checkpoints would hide missing ones
+    """SIGTERM exits 143 and SIGINT 130, each after checkpointing the rounds in flight (the one running and the
+    one asked for ahead; a SIGKILLed run, which leaves only the periodic checkpoints, is the async test above)."""
+    raw = {**tiny_scenario, "rounds": 8, "checkpoint": {"every": 7}}  # periodic checkpoints would hide missing ones
     reference = _reference(tmp_path, raw).global_vector
     child, run_dir = _start_run(tmp_path, _slow(raw))
     _wait_for_rounds(child, run_dir, 1)
@@ -149,12 +149,12 @@ def test_sigterm_then_sigint_mid_run_and_resume_give_a_bit_identical_model(tmp_p
     assert child.returncode == 128 + signal.SIGINT == 130, err
     assert "Traceback" not in err and "stopped by SIGINT" in err and "raysim resume" in err
     saved = checkpoint.latest(run_dir)
-    assert saved is not None and stopped.rounds_done < saved.rounds_done == len(_metrics_rounds(run_dir)) < 6
+    assert saved is not None and stopped.rounds_done < saved.rounds_done == len(_metrics_rounds(run_dir)) < 7
 
     resumed = execute(parse_scenario(_slow(raw)), resume=run_dir)
     assert resumed.summary["resumed_after_round"] == saved.rounds_done
     np.testing.assert_array_equal(_final(resumed), reference)
-    assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6]  # no duplicated or torn line
+    assert _metrics_rounds(run_dir) == [1, 2, 3, 4, 5, 6, 7, 8]  # no duplicated or torn line
     assert main(["resume", str(run_dir)]) == 2  # a finished run has nothing to resume
 
 

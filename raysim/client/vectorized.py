@@ -8,8 +8,10 @@ the result equals the sequential one up to floating-point summation order.
 
 How: the clients' parameters are the rows of one (clients, D) matrix in the flat layout of
 ``FlatParams``. A step gathers every training client's batch, padded to ``batch_size`` with a mask,
-runs one batched forward (``StackedModel``: a ``baddbmm`` per layer over the stack) and one autograd
-backward, and updates the rows in place. The clients are ordered by their number of steps, most first, so the clients still
+runs one batched forward (``StackedModel``: a ``baddbmm`` per layer over the stack) and one backward, and
+updates the rows in place. The backward of Linear/ReLU stacks (logistic regression, the MLP) is written by
+hand with autograd's own kernels, bit for bit, which spares a small step autograd's graph, most of its
+cost; a convolutional model's is autograd's. The clients are ordered by their number of steps, most first, so the clients still
 training at step s are a prefix of the matrix: a client whose steps are done (a small client, a
 straggler's shortened epochs) drops out of the prefix and its row, and its optimizer state, stay as
 they are. A client's batch is always padded to ``batch_size`` and only its row is read, so its

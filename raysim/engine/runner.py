@@ -51,7 +51,7 @@ class Result:
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     global_vector: np.ndarray | None = None
-    round_seconds: list[float] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)  # each from the previous round's metrics to its own
     startup: StartupProfile | None = None
 
     @property
@@ -293,10 +293,12 @@ def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, hist
     """Rounds ``first``.. to the end (or a DP budget's stop), logging and checkpointing; a SIGINT or SIGTERM
     ends the run after the rounds in flight, with a checkpoint.
 
-    The next round is asked for before this one's metrics arrive, so the server actor goes from one round
-    to the next without waiting for this process (a round trip of 1–2 ms on 2 busy cores), except where
-    this process has work between the two: a checkpoint, secure aggregation's diagnostics, a caught signal.
-    The server runs its calls in order, so the rounds and the model are the same either way.
+    While rounds take under ``AHEAD_SECONDS``, the next round is asked for before this one's metrics
+    arrive, so the server actor goes from one round to the next without waiting for this process (a round
+    trip of 1–2 ms on 2 busy cores): not across a checkpoint or secure aggregation's diagnostics, which
+    this process handles between two rounds. The server runs its calls in order, so the rounds and the
+    model are the same either way. A round asked for ahead is always run and logged (Ray cannot withdraw
+    a call from an actor that has it), so a signal may wait for that one round more.
     """
     every = scenario.checkpoint.every
     diagnostics = scenario.secure_aggregation is not None and scenario.secure_aggregation.diagnostics
@@ -306,7 +308,8 @@ def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, hist
             for round_index in range(first, scenario.rounds):
                 done = round_index + 1
                 (call, tick), ahead = ahead or (server.run_round.remote(round_index), time.perf_counter()), None
-                if not diagnostics and not caught and done < scenario.rounds and done % every:
+                quick = bool(round_seconds) and round_seconds[-1] < AHEAD_SECONDS
+                if quick and not diagnostics and not caught and done < scenario.rounds and done % every:
                     ahead = (server.run_round.remote(done), 0.0)
                 metrics = ray.get(call)
                 if diagnostics:  # the plain sums go to this process, never to the server actor
@@ -323,12 +326,6 @@ def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, hist
                 history.append(metrics)
                 tracker.log(metrics)
                 round_seconds.append(time.perf_counter() - tick)
-                if ahead is not None and caught:  # a signal stops the run after the round in flight: not the next
-                    ray.cancel(ahead[0])
-                    try:
-                        ray.get(ahead[0])  # it had started: it is logged next, then checkpointed
-                    except ray.exceptions.TaskCancelledError:
-                        ahead = None
                 if ahead is not None:  # the next round's time starts when this one's metrics are logged
                     ahead = (ahead[0], time.perf_counter())
                 if round_index == first:
@@ -341,10 +338,12 @@ def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, hist
         except ray.exceptions.RayTaskError as err:
             raise _unwrap(err) from None
         finally:
-            if ahead is not None:  # the round asked for after a failed or stopped one must not run
-                ray.cancel(ahead[0])
+            if ahead is not None:  # after a failed or stopped round: let the server finish the next, whatever it gives
                 with suppress(Exception):
                     ray.get(ahead[0])
+
+
+AHEAD_SECONDS = 1.0  # rounds shorter than this are asked for ahead: the saved round trip matters, the wait is short
 
 
 def _summary(scenario: Scenario, num_workers: int, final_vec: np.ndarray, history: list[dict[str, Any]],

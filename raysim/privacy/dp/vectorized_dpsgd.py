@@ -20,7 +20,7 @@ block's sums added in block order (zero padding adds exact zeros). Every kernel 
 whichever clients share the stack, so a client's bits are those it would get alone, on 1 worker or 2. (A
 width set by the stack's largest batch made them depend on it: a reduction over a longer padded row may
 associate differently, which this CPU's one-row ``bmm`` did for widths from 13 on.) Per-sample gradients come from one batched forward and one backward to each layer's output
-(``raysim.client.vectorized.StackedModel``'s taps), as Opacus's grad samplers make them from
+(``raysim.client.vectorized.StackedModel``'s taps, by hand for Linear/ReLU stacks), as Opacus's grad samplers make them from
 activations and backpropagated gradients; a linear layer's are kept as the factors of their outer
 product, whose norm needs no product (``LayerSamples``), and the clipped sum is one ``bmm``.
 """
