@@ -151,8 +151,11 @@ class StackedModel:
     def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter of every row, as (a, *shape) views of ``rows``, each a leaf that wants its gradient
         (separate leaves, so the backward never scatters into the whole (a, D) matrix)."""
-        return [rows[:, lo:hi].view(rows.shape[0], *p.shape).detach().requires_grad_(True)
-                for p, (lo, hi) in zip(self.params, self.bounds)]
+        return [view.detach().requires_grad_(True) for view in self._views(rows)]
+
+    def _views(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter of every row, as (a, *shape) views of ``rows``."""
+        return [rows[:, lo:hi].view(rows.shape[0], *p.shape) for p, (lo, hi) in zip(self.params, self.bounds)]
 
     def forward(self, params: list[torch.Tensor], x: torch.Tensor, taps: list | None = None) -> torch.Tensor:
         """The stacked output for ``split`` parameters and (a, B, ...) inputs. ``taps``, when given, gets
@@ -183,31 +186,33 @@ class StackedModel:
         """Each row's mean cross-entropy over its ``count`` real samples of (a, B, ...) inputs (``valid`` masks
         them), returned as (a,), with its gradient written into ``grad`` (a, D): ``torch.autograd.grad`` of the
         losses' sum through ``forward``, bit for bit (``by_hand`` models only; the tests hold it to autograd)."""
-        a = x.shape[0]
-        output, saved = self._forward_by_hand(rows, x)
-        log_probs, target = torch.log_softmax(output.flatten(0, 1), dim=1), y.flatten()
-        loss = (nn.functional.nll_loss(log_probs, target, reduction="none").view(a, -1) * valid).sum(dim=1) / count
-        per_sample = valid * (torch.ones(a, device=x.device) / count)[:, None]  # d loss.sum() / d sample loss
-        self._backward_by_hand(saved, _cross_entropy_backward(log_probs, target, per_sample), grad)
-        return loss
+        saved, log_probs, losses = self._losses_by_hand(rows, x, y)
+        per_sample = valid * (torch.ones(x.shape[0], device=x.device) / count)[:, None]  # d loss.sum() / d sample loss
+        self._backward_by_hand(saved, _cross_entropy_backward(log_probs, y.flatten(), per_sample), grad)
+        return (losses * valid).sum(dim=1) / count
 
     def sample_losses_by_hand(self, rows: torch.Tensor, x: torch.Tensor,
                               y: torch.Tensor) -> tuple[torch.Tensor, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
         """Each sample's own loss (a, B), and for each linear layer (the layer, its input, the gradient of the
         losses' sum with respect to its output): ``forward``'s taps and their ``torch.autograd.grad``, bit for
         bit, without autograd (``by_hand`` models only)."""
-        output, saved = self._forward_by_hand(rows, x)
-        log_probs, target = torch.log_softmax(output.flatten(0, 1), dim=1), y.flatten()
-        losses = nn.functional.nll_loss(log_probs, target, reduction="none").view(y.shape)
-        upstream = _cross_entropy_backward(log_probs, target, torch.ones_like(losses))
+        saved, log_probs, losses = self._losses_by_hand(rows, x, y)
+        upstream = _cross_entropy_backward(log_probs, y.flatten(), torch.ones_like(losses))
         return losses, self._backward_by_hand(saved, upstream)
+
+    def _losses_by_hand(self, rows: torch.Tensor, x: torch.Tensor,
+                        y: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """``_forward_by_hand``'s saved values, the log-probabilities (a·B, classes) and each sample's cross-entropy
+        (a, B), as ``nn.functional.cross_entropy`` computes them (log-softmax, then nll)."""
+        output, saved = self._forward_by_hand(rows, x)
+        log_probs = torch.log_softmax(output.flatten(0, 1), dim=1)
+        return saved, log_probs, nn.functional.nll_loss(log_probs, y.flatten(), reduction="none").view(y.shape)
 
     def _forward_by_hand(self, rows: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         """``forward`` without autograd, keeping what the backward reads: a linear layer's (layer, weight, input),
         a ReLU's output, a Flatten's input shape (None where its input is already flat)."""
         a, b = x.shape[:2]
-        h, saved = x, []
-        taken = iter([rows[:, lo:hi].view(a, *p.shape) for p, (lo, hi) in zip(self.params, self.bounds)])
+        h, saved, taken = x, [], iter(self._views(rows))
         for layer in self.layers:
             if isinstance(layer, nn.Linear):
                 weight, bias = next(taken), next(taken)
@@ -253,6 +258,12 @@ def _cross_entropy_backward(log_probs: torch.Tensor, target: torch.Tensor, per_s
     nll's backward (−per_sample at the target), then log-softmax's. Returns (*per_sample.shape, classes)."""
     upstream = torch.zeros_like(log_probs).scatter_(1, target[:, None], -per_sample.reshape(-1, 1))
     return torch._log_softmax_backward_data(upstream, log_probs, 1, log_probs.dtype).view(*per_sample.shape, -1)
+
+
+def gather(samples: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``samples[index]`` for an index tensor of any shape, as one ``index_select`` (a plain gather, several times
+    faster than advanced indexing here)."""
+    return samples.index_select(0, index.flatten()).view(*index.shape, *samples.shape[1:])
 
 
 def stacked_layers(model: nn.Module) -> list[nn.Module]:
@@ -341,8 +352,7 @@ class StackedTrainer:
         for step, a in enumerate(active):
             batch, count = rows[step, :a], counts[step, :a]
             valid = (slots < count[:, None]).float()
-            inputs = x.index_select(0, batch.flatten()).view(*batch.shape, *x.shape[1:])
-            targets = y.index_select(0, batch.flatten()).view(batch.shape)
+            inputs, targets = gather(x, batch), gather(y, batch)
             if grads is not None:
                 grad = grads[:a]
                 loss = self.stacked.loss_and_grad(weights[:a], inputs, targets, valid, count, grad)

@@ -22,6 +22,7 @@ from raysim.errors import ScenarioError
 
 
 PROBE_SECONDS = 5.0
+DIRECT_RESULT_BYTES = 4 * 2**20  # the embedded Ray's max_direct_call_object_size
 
 
 class RayNotices(logging.Handler):
@@ -125,9 +126,6 @@ def start_local(**options: Any) -> None:
             _swapped(utils, "get_dashboard_dependency_error", minimal_agent):
         system = {"max_direct_call_object_size": DIRECT_RESULT_BYTES, **options.pop("_system_config", {})}
         ray.init(address="local", include_dashboard=False, _system_config=system, **options)
-
-
-DIRECT_RESULT_BYTES = 4 * 2**20  # the embedded Ray's max_direct_call_object_size
 
 
 _LOCAL_START = threading.Lock()  # the swaps below are for one ray.init call at a time

@@ -303,14 +303,17 @@ def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, hist
     every = scenario.checkpoint.every
     diagnostics = scenario.secure_aggregation is not None and scenario.secure_aggregation.diagnostics
     with _deferred_signals() as caught:
-        ahead: tuple[ray.ObjectRef, float] | None = None  # the next round's call, and when its time starts
+        ahead: ray.ObjectRef | None = None  # the next round's call, asked for ahead
         try:
             for round_index in range(first, scenario.rounds):
                 done = round_index + 1
-                (call, tick), ahead = ahead or (server.run_round.remote(round_index), time.perf_counter()), None
+                if ahead is None:
+                    call, tick = server.run_round.remote(round_index), time.perf_counter()
+                else:  # its time started when the last round's metrics were logged
+                    call, ahead = ahead, None
                 quick = bool(round_seconds) and round_seconds[-1] < AHEAD_SECONDS
                 if quick and not diagnostics and not caught and done < scenario.rounds and done % every:
-                    ahead = (server.run_round.remote(done), 0.0)
+                    ahead = server.run_round.remote(done)
                 metrics = ray.get(call)
                 if diagnostics:  # the plain sums go to this process, never to the server actor
                     release = ray.get(server.secure_release.remote())
@@ -326,8 +329,7 @@ def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, hist
                 history.append(metrics)
                 tracker.log(metrics)
                 round_seconds.append(time.perf_counter() - tick)
-                if ahead is not None:  # the next round's time starts when this one's metrics are logged
-                    ahead = (ahead[0], time.perf_counter())
+                tick = time.perf_counter()  # where a round asked for ahead starts its time
                 if round_index == first:
                     profile.add("first round", time.time() - round_seconds[-1], round_seconds[-1])
                 if ahead is None and (caught or (done % every == 0 and done < scenario.rounds)):
@@ -340,7 +342,7 @@ def _run_rounds(scenario: Scenario, server: Any, workers: list, first: int, hist
         finally:
             if ahead is not None:  # after a failed or stopped round: let the server finish the next, whatever it gives
                 with suppress(Exception):
-                    ray.get(ahead[0])
+                    ray.get(ahead)
 
 
 AHEAD_SECONDS = 1.0  # rounds shorter than this are asked for ahead: the saved round trip matters, the wait is short
