@@ -139,3 +139,25 @@ def test_every_small_shipped_scenario_draws_its_partition():
             partition_data(scenario, load_data(scenario))  # raises the one-line ScenarioError when it cannot
         drawn += 1
     assert drawn >= 25 and len(seen) >= 8
+
+
+@pytest.mark.parametrize("scenario, code", [("quickstart.yaml", 0), ("missing.yaml", 2)])
+def test_the_command_ends_as_a_normal_exit_would(tmp_path, scenario, code):
+    """``raysim.cli.entry`` skips only the interpreter's teardown: its exit code is ``main``'s, its output arrives
+    whole through a pipe, and the ``atexit`` handlers (W&B's, logging's) and a non-daemon thread still finish."""
+    marker = tmp_path / "marker"
+    program = (
+        "import atexit, sys, threading, time\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'a').write('atexit\\n'))\n"
+        f"sys.argv = ['raysim', 'validate', {str(ROOT / 'scenarios' / scenario)!r}]\n"
+        "from raysim.cli import entry\n"
+        f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(marker)!r}, 'a').write('thread\\n'))).start()\n"
+        "entry()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    if code == 0:
+        assert proc.stdout == f"raysim: {ROOT / 'scenarios' / scenario} is a valid scenario (quickstart)\n"
+    else:
+        _assert_one_line_error(proc, "missing.yaml")
+    assert marker.read_text() == "thread\natexit\n"

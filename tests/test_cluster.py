@@ -165,3 +165,16 @@ def test_the_embedded_ray_returns_a_packs_partial_sums_inline(ray_session):
     result = partial_sums.remote()
     assert ray.get(result).nbytes == 5 * 9_610 * 8 < DIRECT_RESULT_BYTES
     assert memory_store.get_local_memory_store_bytes_used() - before >= 5 * 9_610 * 8
+
+
+def test_the_embedded_ray_records_no_task_events(ray_session):
+    """Task events are off in the embedded Ray (``task_events_report_interval_ms: 0``): nothing reads them there,
+    and flushing them held the driver's ``ray.shutdown`` 0.25 s. ``ray.timeline()`` flushes and reads them; with
+    Ray's default it returns this call's events."""
+
+    @ray.remote(num_cpus=0)
+    def one() -> int:
+        return 1
+
+    assert ray.get(one.remote()) == 1
+    assert ray.timeline() == []

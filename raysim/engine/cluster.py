@@ -98,6 +98,11 @@ def start_local(**options: Any) -> None:
     the monitor's 1 s graceful stop (``scripts/bench_startup.py``). The GCS, the raylet, the runtime-env
     agent and the workers are Ray's own, unchanged.
 
+    Ray's task events are off (``task_events_report_interval_ms: 0``): they feed the state API and the dashboard's
+    task views, which the embedded Ray does not run, and ``ray.timeline()``. With them on, the driver's
+    ``ray.shutdown`` waited 0.25 s to flush its last batch to a GCS about to stop (``scripts/bench_startup.py``).
+    For Ray's task timeline, start a cluster with ``ray start --head`` and pass its address.
+
     Results of up to ``DIRECT_RESULT_BYTES`` go from a worker to its caller inside the call's reply, not through
     the object store (Ray's default is 100 KiB): a sync round's packs return one float64 partial sum per
     chunk, 385 KB for five chunks of a 9,610-parameter MLP, and the store's create, seal, pin and release of
@@ -124,7 +129,8 @@ def start_local(**options: Any) -> None:
 
     with _LOCAL_START, _swapped(node, "Node", SimulationHead), \
             _swapped(utils, "get_dashboard_dependency_error", minimal_agent):
-        system = {"max_direct_call_object_size": DIRECT_RESULT_BYTES, **options.pop("_system_config", {})}
+        system = {"max_direct_call_object_size": DIRECT_RESULT_BYTES, "task_events_report_interval_ms": 0,
+                  **options.pop("_system_config", {})}
         ray.init(address="local", include_dashboard=False, _system_config=system, **options)
 
 
