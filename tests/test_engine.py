@@ -74,6 +74,18 @@ def test_same_seed_gives_a_bit_identical_model_with_one_and_two_workers(ray_sess
     assert not np.array_equal(one.global_vector, other_seed.global_vector)
 
 
+def test_a_round_sent_ahead_trains_and_evaluates_as_one_sent_when_asked_for(ray_session, tiny_scenario):
+    """The server sends round r+1's training behind round r's evaluation (``RoundServer.sends_ahead``); worker
+    faults turn that off (they count train calls) and, never firing, change nothing else: the model and every
+    round's metrics agree, bit for bit."""
+    overrides = ["rounds=4", "evaluation.every=1"]
+    ahead = raysim.run(tiny_scenario, overrides=[*overrides, "name=ahead"])
+    asked = raysim.run(tiny_scenario, overrides=[*overrides, "name=asked", "faults.kill_worker_every=1000000"])
+    assert np.array_equal(ahead.global_vector, asked.global_vector)
+    keys = ("round", "clients", "kept", "loss", "accuracy", "test_loss", "bytes_up")
+    assert [{k: m[k] for k in keys} for m in ahead.history] == [{k: m[k] for k in keys} for m in asked.history]
+
+
 def test_run_folder_holds_config_metrics_partition_and_summary(ray_session, tiny_scenario):
     result = _baseline(tiny_scenario)
     files = {p.name for p in result.run_dir.iterdir()}

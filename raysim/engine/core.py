@@ -10,7 +10,7 @@ steps the model through the strategy.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -188,6 +188,17 @@ class ServerCore:
                                 "lower training.lr or strategy.server_lr")
 
     def evaluate(self, round_index: int) -> dict[str, Any]:
+        return self.start_evaluation(round_index)()
+
+    def start_evaluation(self, round_index: int) -> Callable[[], dict[str, Any]]:
+        """``evaluate`` in two halves where it is only central: the calls go out now and the returned function
+        collects the metrics (federated and personalized evaluation run to the end here)."""
+        if not self.scenario.evaluation.federated and self.scenario.personalization is None:
+            return self.evaluator.start_central(self.global_vec, self.workers, self.failures)
+        metrics = self._evaluate_all(round_index)
+        return lambda: metrics
+
+    def _evaluate_all(self, round_index: int) -> dict[str, Any]:
         metrics = self.evaluator.central(self.global_vec, self.workers, self.failures)
         if self.scenario.evaluation.federated:
             metrics.update(self.evaluator.federated(self.global_vec, round_index, self.workers, self.failures))

@@ -9,7 +9,7 @@ backdoor, the share of triggered test samples classified as the attacker's targe
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import ray
@@ -17,7 +17,7 @@ import ray
 from raysim.adversary.clients import MaliciousClients
 from raysim.client.personal import personal_metrics
 from raysim.config import Scenario
-from raysim.engine.pool import WorkerFailures, map_chunks, shared_argument
+from raysim.engine.pool import ChunkCalls, WorkerFailures, map_chunks, shared_argument
 from raysim.engine.sampling import uniform_subset
 from raysim.models.task import task_for
 
@@ -53,24 +53,33 @@ class Evaluator:
     def central(self, global_vec: np.ndarray, workers: list, failures: WorkerFailures) -> dict[str, float]:
         """Accuracy and mean loss on the central test set (per-token loss, perplexity and next-token
         accuracy for a causal LM)."""
+        return self.start_central(global_vec, workers, failures)()
+
+    def start_central(self, global_vec: np.ndarray, workers: list,
+                      failures: WorkerFailures) -> Callable[[], dict[str, float]]:
+        """``central`` in two halves: its calls go out now, every span queued at once, and the returned function
+        collects them into the metrics, so the caller can queue other work on the workers behind them."""
         sets = self._sets()
-        metrics = self.task.metrics(*self._sums(global_vec, sets["test"], workers, failures))
-        if "backdoor" in sets:
-            _, correct, samples = self._sums(global_vec, sets["backdoor"], workers, failures)
-            metrics["backdoor_accuracy"] = correct / samples if samples else None
+        calls = {name: self._calls(global_vec, data, workers, failures) for name, data in sets.items()}
+
+        def metrics() -> dict[str, float]:
+            out = self.task.metrics(*_sums(calls["test"].results()))
+            if "backdoor" in calls:
+                _, correct, samples = _sums(calls["backdoor"].results())
+                out["backdoor_accuracy"] = correct / samples if samples else None
+            return out
+
         return metrics
 
-    def _sums(self, global_vec: np.ndarray, data: tuple[list[ray.ObjectRef], int], workers: list,
-              failures: WorkerFailures) -> tuple[float, int, int]:
-        """(summed loss, correct, count) of the model ``global_vec`` on the set ``data`` (its references and size),
-        evaluated by the workers."""
+    def _calls(self, global_vec: np.ndarray, data: tuple[list[ray.ObjectRef], int], workers: list,
+               failures: WorkerFailures) -> ChunkCalls:
+        """The workers' calls evaluating the model ``global_vec`` on the set ``data`` (its references and size)."""
         refs, n = data
         # A classifier's spans are its evaluation batches, so the sums are those one process adds, batch by batch.
         size = 4 * self.task.eval_batch_size if self.task.text else self.task.eval_batch_size
         spans = [(start, min(start + size, n)) for start in range(0, n, size)]
-        results = map_chunks(workers, "evaluate_test", spans, (shared_argument(global_vec), *refs), 1,
-                             failures=failures)
-        return sum(r.loss_sum for r in results), sum(r.correct for r in results), sum(r.samples for r in results)
+        return ChunkCalls(workers, "evaluate_test", spans, (shared_argument(global_vec), *refs),
+                          -(-len(spans) // max(len(workers), 1)), failures=failures)
 
     def federated(self, global_vec: np.ndarray, round_index: int, workers: list,
                   failures: WorkerFailures) -> dict[str, float]:
@@ -99,3 +108,8 @@ class Evaluator:
                              failures=failures)
         columns = [np.concatenate([r[k] for r in results]) for k in range(3)]
         return personal_metrics(*columns)
+
+
+def _sums(results: Sequence[Any]) -> tuple[float, int, int]:
+    """(summed loss, correct, count) over spans' results, added in span order."""
+    return sum(r.loss_sum for r in results), sum(r.correct for r in results), sum(r.samples for r in results)

@@ -209,40 +209,54 @@ def map_chunks(
     ``rerun`` False the calls still running are waited for and the loss is raised instead (a secure
     round starts over, and no call of the abandoned attempt may touch the workers afterwards).
     """
-    queue = deque(range(len(chunks)))
-    pending: dict[ray.ObjectRef, tuple[int, int, float]] = {}
-    results: list[Any] = [None] * len(chunks)
-    failures = failures or WorkerFailures(0)
-    load = [0] * len(workers)
+    return ChunkCalls(workers, method, chunks, common, in_flight, placement, failures, rerun, seconds).results()
 
-    def submit(position: int) -> None:
-        index = queue.popleft()
-        ref = getattr(workers[position], method).remote(*common, index, chunks[index])
-        pending[ref] = (position, index, time.perf_counter())
-        load[position] += 1
-        if placement is not None:
-            placement[index] = position
 
-    for _ in range(in_flight):
-        for position in failures.up(workers):
-            if queue:
-                submit(position)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        position, index, submitted = pending.pop(ready[0])
-        load[position] -= 1
-        try:
-            results[index] = ray.get(ready[0])
-            failures.alive(position)
-            if seconds is not None:
-                seconds[index] = time.perf_counter() - submitted
-        except WORKER_LOST as err:
-            failures.lost(position, err)
-            if not rerun:
-                ray.wait(list(pending), num_returns=len(pending))
-                raise
-            queue.appendleft(index)
-            position = min(failures.up(workers), key=load.__getitem__)  # the least busy worker that is up
-        if queue:
-            submit(position)
-    return results
+class ChunkCalls:
+    """``map_chunks`` in two halves: the constructor sends the first calls, ``results`` collects them all (sending
+    the rest as workers free up), so a caller can queue other work on the workers in between."""
+
+    def __init__(self, workers: Sequence[ray.actor.ActorHandle], method: str, chunks: Sequence[Any], common: tuple,
+                 in_flight: int, placement: dict[int, int] | None = None, failures: WorkerFailures | None = None,
+                 rerun: bool = True, seconds: dict[int, float] | None = None) -> None:
+        self.workers, self.method, self.chunks, self.common = workers, method, chunks, common
+        self.placement, self.rerun, self.seconds = placement, rerun, seconds
+        self.failures = failures or WorkerFailures(0)
+        self.queue = deque(range(len(chunks)))
+        self.pending: dict[ray.ObjectRef, tuple[int, int, float]] = {}
+        self.load = [0] * len(workers)
+        for _ in range(in_flight):
+            for position in self.failures.up(workers):
+                if self.queue:
+                    self._submit(position)
+
+    def _submit(self, position: int) -> None:
+        index = self.queue.popleft()
+        ref = getattr(self.workers[position], self.method).remote(*self.common, index, self.chunks[index])
+        self.pending[ref] = (position, index, time.perf_counter())
+        self.load[position] += 1
+        if self.placement is not None:
+            self.placement[index] = position
+
+    def results(self) -> list[Any]:
+        results: list[Any] = [None] * len(self.chunks)
+        pending, failures = self.pending, self.failures
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            position, index, submitted = pending.pop(ready[0])
+            self.load[position] -= 1
+            try:
+                results[index] = ray.get(ready[0])
+                failures.alive(position)
+                if self.seconds is not None:
+                    self.seconds[index] = time.perf_counter() - submitted
+            except WORKER_LOST as err:
+                failures.lost(position, err)
+                if not self.rerun:
+                    ray.wait(list(pending), num_returns=len(pending))
+                    raise
+                self.queue.appendleft(index)
+                position = min(failures.up(self.workers), key=self.load.__getitem__)  # the least busy worker that is up
+            if self.queue:
+                self._submit(position)
+        return results
