@@ -59,12 +59,12 @@ def local_epochs(scenario: Scenario, sampled: np.ndarray, round_index: int) -> n
 
 @dataclass
 class RoundCalls:
-    """A round's training calls in flight: its clients, the calls' common arguments (global vector, server
-    state, round, plan), its packs and, as they come in, each pack's worker and seconds."""
+    """A round's training calls in flight: its clients, the model arguments they took (``_model_arguments``), its
+    plan, its packs and, as they come in, each pack's worker and seconds."""
 
     round_index: int
     client_ids: np.ndarray
-    common: tuple
+    arguments: tuple[Any, Any]
     plan: RoundPlan
     packs: list
     calls: ChunkCalls
@@ -167,14 +167,12 @@ class RoundServer(CoreServer):
         training, self.ahead = self.ahead, None
         if training is not None:  # sent at the end of the last round
             assert training.round_index == round_index and np.array_equal(training.client_ids, sampled)
-            global_ref, state_ref = training.common[:2]
+            arguments = training.arguments
         else:
-            global_ref = shared_argument(core.broadcast(sampled))
-            server_state = core.strategy.server_state()
-            state_ref = None if server_state is None else shared_argument(server_state)
+            arguments = self._model_arguments(sampled)
         while True:
             if training is None:
-                training = self._send(sampled, epochs, round_index, global_ref, state_ref)
+                training = self._send(sampled, epochs, round_index, arguments)
             try:
                 chunks = self._collect(training)
                 plan = training.plan
@@ -195,25 +193,29 @@ class RoundServer(CoreServer):
             return
         sampled = sample_clients(self.scenario.sampling, self.scenario.num_clients, self.scenario.seed, round_index)
         sampled, epochs = self._cohort(sampled, round_index, {})
-        if not len(sampled):
-            return
-        core = self.core
-        server_state = core.strategy.server_state()
-        self.ahead = self._send(sampled, epochs, round_index, shared_argument(core.broadcast(sampled)),
-                                None if server_state is None else shared_argument(server_state))
+        if len(sampled):
+            self.ahead = self._send(sampled, epochs, round_index, self._model_arguments(sampled))
 
-    def _send(self, sampled: np.ndarray, epochs: np.ndarray, round_index: int, global_ref: Any,
-              state_ref: Any) -> RoundCalls:
+    def _model_arguments(self, sampled: np.ndarray) -> tuple[Any, Any]:
+        """What every training call of the round takes: the model ``sampled`` train from (broadcast once a round)
+        and the strategy's server state, each in the calls or by reference (``shared_argument``)."""
+        core = self.core
+        global_ref = shared_argument(core.broadcast(sampled))
+        server_state = core.strategy.server_state()
+        return global_ref, None if server_state is None else shared_argument(server_state)
+
+    def _send(self, sampled: np.ndarray, epochs: np.ndarray, round_index: int,
+              arguments: tuple[Any, Any]) -> RoundCalls:
         """Send a round's training: every chunk in one call per worker, a pack of chunks sized to its speed
         (``raysim.engine.packing``; vectorized, a pack's clients train together)."""
         core, plan = self.core, self._round_plan(len(sampled), round_index)
         packs = self.planner.packs(self._batches(sampled, epochs), core.failures.up(core.workers), self.steps_per_epoch)
         where: dict[int, int] = {}
         seconds: dict[int, float] = {}
-        common = (global_ref, state_ref, round_index, plan)
-        calls = ChunkCalls(core.workers, "train_pack", packs, common, self.scenario.executor.calls_in_flight, where,
-                           core.failures, rerun=plan.secure is None, seconds=seconds)
-        return RoundCalls(round_index, sampled, common, plan, packs, calls, where, seconds)
+        calls = ChunkCalls(core.workers, "train_pack", packs, (*arguments, round_index, plan),
+                           self.scenario.executor.calls_in_flight, where, core.failures, rerun=plan.secure is None,
+                           seconds=seconds)
+        return RoundCalls(round_index, sampled, arguments, plan, packs, calls, where, seconds)
 
     def _collect(self, training: RoundCalls) -> list[ChunkResult]:
         """A round's chunk results, in chunk order, once every pack is in."""
