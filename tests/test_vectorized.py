@@ -251,11 +251,13 @@ def test_clipped_per_sample_norms_are_at_most_c_and_the_noise_std_is_sigma_c():
     stacked = StackedTrainer(model, (64,), TrainingConfig(), torch.device("cpu"), 2**30).stacked
     sigma = 1.5
     trainer = PrivateStackedTrainer(stacked, 8, 0.1, sigma, clip, "rdp", 1e-5, torch.device("cpu"))
-    noise = trainer._noise([torch.Generator().manual_seed(s) for s in range(3)], [8, 2, 0])
-    drawn = torch.cat([noise[0].reshape(-1), noise[1, :2].reshape(-1)])  # 10 steps x 9,610 draws
-    assert abs(float(drawn.std()) / (sigma * clip) - 1) < 0.01  # its standard error is 0.23%
-    assert abs(float(drawn.mean())) < 0.02  # standard error 0.0034
-    assert torch.equal(noise[1, 2:], torch.zeros_like(noise[1, 2:])) and torch.equal(noise[2], torch.zeros_like(noise[2]))
+    scales = [1.0] * 10 + [0.25] * 10  # a step's lr / expected batch size, per client
+    noise = trainer._noise(torch.empty(20, 9610), [torch.Generator().manual_seed(s) for s in range(20)], scales)
+    for drawn, scale in ((noise[:10], 1.0), (noise[10:], 0.25)):  # 10 clients x 9,610 draws each
+        assert abs(float(drawn.std()) / (sigma * clip * scale) - 1) < 0.01  # its standard error is 0.23%
+        assert abs(float(drawn.mean()) / scale) < 0.02  # standard error 0.0034
+    alone = torch.empty(9610).normal_(0.0, sigma * clip * 0.25, generator=torch.Generator().manual_seed(13))
+    assert torch.equal(noise[13], alone)  # each client's step: one draw from its own generator
 
 
 # The switch --------------------------------------------------------------------------------------------
@@ -350,17 +352,18 @@ def test_stacked_training_on_cuda_matches_the_cpu():
 
 
 def test_a_private_clients_bits_do_not_depend_on_how_wide_its_stack_mates_batches_are():
-    """A client of small Poisson batches trained alone, and beside clients whose batches reach 45: the same bits.
-    Padding each step to the stack's widest batch made a one-row ``bmm`` over a longer row associate otherwise
-    (this CPU, widths from 13 on), so a client's model changed with its stack mates, and so with the worker count."""
-    from raysim.privacy.dp.vectorized_dpsgd import PrivateClient, PrivateStackedTrainer
+    """A client of small Poisson batches trained alone, and beside clients whose batches are wider than the private
+    width on some steps (so they go on in a second row): the same bits, for both kinds of client. Padding each step
+    to the stack's widest batch made a one-row ``bmm`` over a longer row associate otherwise (this CPU, widths
+    from 13 on), so a client's model changed with its stack mates, and so with the worker count."""
+    from raysim.privacy.dp.vectorized_dpsgd import PrivateClient, PrivateStackedTrainer, opacus_rate
 
     torch.manual_seed(0)
     classes = 5
     model = build_model(ModelConfig(kind="mlp", hidden=[32]), (16,), classes)
     start = FlatParams(model).vector.clone()
     g = torch.Generator().manual_seed(5)
-    sizes = [24, 2000, 1500]  # batches of about 24 (alone: a width of 24 to 31), and of about 32 (up to 45)
+    sizes = [24, 2000, 1500]  # batches of 24, and of about 32 (up to 45: the width is 38)
     clients = [PrivateClient(x=torch.randn(n, 16, generator=g), y=torch.randint(0, classes, (n,), generator=g),
                              epochs=1, seed=11 + k, start=start, accountant_state=None) for k, n in enumerate(sizes)]
     stacked = StackedTrainer(model, (16,), TrainingConfig(batch_size=32), torch.device("cpu"), 2**30).stacked
@@ -369,6 +372,10 @@ def test_a_private_clients_bits_do_not_depend_on_how_wide_its_stack_mates_batche
         return PrivateStackedTrainer(stacked, 32, 0.1, 1.0, 1.0, "rdp", 1e-5, torch.device("cpu")).train(
             [clients[k] for k in members]).local
 
+    trainer = PrivateStackedTrainer(stacked, 32, 0.1, 1.0, 1.0, "rdp", 1e-5, torch.device("cpu"))
+    _, counts = trainer.batches(clients, [opacus_rate(n, 32) for n in sizes], np.arange(len(sizes)))
+    assert counts[0].max() <= trainer.width < min(counts[1].max(), counts[2].max())
     together = trained([0, 1, 2])
     assert torch.equal(trained([0]), together[[0]])
     assert torch.equal(trained([2, 0]), together[[2, 0]])
+    assert torch.equal(trained([1]), together[[1]])

@@ -8,15 +8,15 @@ loss) is clipped to C in L2 norm over all trainable parameters with Opacus's fac
 min(1, C / (‖g‖ + 1e-6)); the clipped sum gets Gaussian noise of std σ·C per coordinate from the client's own
 noise generator, seeded as that path seeds Opacus's, and is divided by Opacus's expected batch size
 int(n·q); an empty batch takes a noise-only step; the step is plain SGD. The noise is the same
-distribution drawn in another order (a block of ``NOISE_BLOCK`` steps at a time, where Opacus draws
-each parameter of each step alone, which cost more than the rest of the step): with noise off the
-two paths agree to floating-point summation order, and with noise on they differ by its realization. The accountant is Opacus's
+distribution drawn in another order (a client's whole step in one draw, where Opacus draws each
+parameter alone, and already scaled by lr / int(n·q), as the clipping factors are): with noise off the
+two paths agree to floating-point rounding, and with noise on they differ by its realization. The accountant is Opacus's
 (``accountant.PrivacyAccountant``), stepped once per step with (σ, q), as Opacus steps it.
 
 A client's result does not depend on the other clients of its stack: every step's batches are padded to
-one width fixed by the batch size alone (``private_width``: the Poisson batch's largest mean plus three
-standard deviations), and a step whose largest batch is wider runs in blocks of that width, each
-block's sums added in block order (zero padding adds exact zeros). Every kernel then sees the same shapes
+one width fixed by the batch size alone (``private_width``), and a batch wider than that goes on in
+further rows of the same kernels, one a block of that width, whose sums are added to its client's in
+block order (zero padding adds exact zeros). Every kernel then sees the same shapes for a client's rows
 whichever clients share the stack, so a client's bits are those it would get alone, on 1 worker or 2. (A
 width set by the stack's largest batch made them depend on it: a reduction over a longer padded row may
 associate differently, which this CPU's one-row ``bmm`` did for widths from 13 on.) Per-sample gradients come from one batched forward and one backward to each layer's output
@@ -39,7 +39,6 @@ from raysim.client.vectorized import StackedModel, gather
 from raysim.privacy.dp.accountant import PrivacyAccountant, validate_noise_multiplier
 
 
-NOISE_BLOCK = 8  # steps of noise drawn per client at a time
 MASK_BLOCK = 2**20  # uniforms drawn per client at a time for its Poisson masks
 
 
@@ -68,9 +67,11 @@ class PrivateStackResult:
 
 def private_width(batch_size: int) -> int:
     """The padded width of every private step's batches: Opacus's rate q = 1/ceil(n/B) gives a Poisson batch of
-    mean n·q <= B and variance <= B, which exceeds B + 3·sqrt(B) about once in a thousand draws (a step whose
-    widest batch does runs in two blocks), and at least 8 rows (a matmul of fewer takes another kernel)."""
-    return max(8, math.ceil(batch_size + 3 * math.sqrt(batch_size)))
+    mean n·q <= B and variance <= B, so B + sqrt(B) is about one standard deviation above the mean. A batch
+    wider than that (one in eight at B = 32) takes a second row, so a client's step costs about 1.12 rows of
+    B + sqrt(B) samples, 42.5 at B = 32, against 49 for the B + 3·sqrt(B) that almost no batch exceeds.
+    At least 8 (a matmul of fewer rows takes another kernel)."""
+    return max(8, math.ceil(batch_size + math.sqrt(batch_size)))
 
 
 def opacus_rate(n: int, batch_size: int) -> tuple[float, int, int]:
@@ -128,28 +129,27 @@ def clip_factors(pieces: list[LayerSamples], counts: torch.Tensor, clip_norm: fl
 
 
 def poisson_batches(generator: torch.Generator, n: int, rate: float, per_epoch: int,
-                    epochs: int) -> tuple[list[torch.Tensor], np.ndarray]:
+                    epochs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One client's Poisson batches, every step of its ``epochs``, as Opacus's loader draws them from its
     generator: each epoch's iterator first takes a base seed (``torch.utils.data``'s iterator does), then one
     uniform mask per step. An epoch's masks are drawn a block of steps at a time (the same stream:
-    ``rand(k, n)`` is k ``rand(n)``), at most ``MASK_BLOCK`` numbers a draw, and turned into the block's
-    batches at once. Returns each block's (steps, its widest batch) rows of sample indices, ascending and
-    padded with 0 (the client's first sample) past each step's batch size, and the sizes of all steps."""
-    blocks, sizes = [], []
+    ``rand(k, n)`` is k ``rand(n)``), at most ``MASK_BLOCK`` numbers a draw. Returns the step and the sample
+    of every (step, sample) drawn, in step order and ascending within a step, and the sizes of all steps."""
+    steps, samples, sizes, done = [], [], [], 0
     for _ in range(epochs):
         torch.empty((), dtype=torch.int64).random_(generator=generator)
-        done = 0
-        while done < per_epoch:
-            rows = max(1, min(per_epoch - done, MASK_BLOCK // n))
-            hits = (torch.rand(rows, n, generator=generator) < rate).nonzero()  # row-major
-            counts = torch.bincount(hits[:, 0], minlength=rows)
-            position = torch.arange(len(hits)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
-            block = torch.zeros(rows, max(1, int(counts.max())), dtype=torch.int64)
-            block[hits[:, 0], position] = hits[:, 1]
-            blocks.append(block)
-            sizes.append(counts.numpy())
+        end = done + per_epoch
+        while done < end:
+            rows = max(1, min(end - done, MASK_BLOCK // n))
+            mask = (torch.rand(rows, n, generator=generator) < rate).numpy()  # Opacus's float32 comparison
+            step, sample = np.nonzero(mask)  # row-major
+            steps.append(step + done)
+            samples.append(sample)
+            sizes.append(mask.sum(axis=1))
             done += rows
-    return blocks, np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64)
+    if not sizes:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(steps), np.concatenate(samples), np.concatenate(sizes)
 
 
 class PrivateStackedTrainer:
@@ -163,10 +163,11 @@ class PrivateStackedTrainer:
         self.width = private_width(batch_size)
 
     def clipped_sum(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor,
-                    x_norms2: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Each client's sum of its per-sample gradients clipped to C, one (a, size) piece per parameter in the
-        flat layout's order, and the (a, width) per-sample losses, for (a, width, ...) inputs of which the first
-        ``counts`` are real; ``x_norms2``, the inputs' squared norms, spares a linear first layer computing them."""
+                    x_norms2: torch.Tensor, scale: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each client's sum of its per-sample gradients clipped to C, times its ``scale``, one (a, size) piece
+        per parameter in the flat layout's order, and the (a, width) per-sample losses, for (a, width, ...)
+        inputs of which the first ``counts`` are real; ``x_norms2``, the inputs' squared norms, spares a linear
+        first layer computing them."""
         if self.stacked.by_hand:
             losses, taps = self.stacked.sample_losses_by_hand(rows, x, y)
         else:
@@ -177,9 +178,9 @@ class PrivateStackedTrainer:
             outputs = torch.autograd.grad(losses.sum(), [out for _, _, out in taps])  # each sample's own loss
             taps = [(layer, inputs, grad) for (layer, inputs, _), grad in zip(taps, outputs)]
         pieces = [per_sample_grads(layer, inputs, grad) for layer, inputs, grad in taps]
-        if x_norms2 is not None and pieces[0].inputs is x:
+        if pieces[0].inputs is x:
             pieces[0].input_norms2 = x_norms2
-        factor = clip_factors(pieces, counts, self.clip_norm)
+        factor = clip_factors(pieces, counts, self.clip_norm) * scale[:, None]
         return [summed for piece in pieces for summed in piece.clipped_sum(factor)], losses.detach()
 
     def batches(self, clients: list[PrivateClient], rates: list[tuple[float, int, int]],
@@ -193,23 +194,24 @@ class PrivateStackedTrainer:
             sample_seed = int(np.random.SeedSequence(c.seed).generate_state(2)[0])
             drawn.append(poisson_batches(torch.Generator().manual_seed(sample_seed), int(c.x.shape[0]), rate,
                                          per_epoch, c.epochs))
-        longest = max((len(sizes) for _, sizes in drawn), default=0)
-        widest = max((int(sizes.max(initial=0)) for _, sizes in drawn), default=0)
-        span = max(1, -(-widest // self.width)) * self.width  # almost always one block
-        index = torch.zeros(len(drawn), longest, span, dtype=torch.int64)
+        longest = max((len(sizes) for _, _, sizes in drawn), default=0)
         counts = np.zeros((len(drawn), longest), dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum([int(c.x.shape[0]) for c in clients])])
-        for row, (j, (blocks, sizes)) in enumerate(zip(order.tolist(), drawn)):
-            step = 0
-            for block in blocks:
-                index[row, step : step + len(block), : block.shape[1]] = block
-                step += len(block)
-            index[row] += int(starts[j])
+        for row, (_, _, sizes) in enumerate(drawn):
             counts[row, : len(sizes)] = sizes
-        return index, counts
+        span = max(1, -(-int(counts.max(initial=0)) // self.width)) * self.width
+        starts = np.concatenate([[0], np.cumsum([int(c.x.shape[0]) for c in clients])])[order]
+        index = np.empty((len(drawn), longest, span), dtype=np.int64)
+        index[:] = starts[:, None, None]  # padding: each client's first sample
+        if drawn:  # every (row, step, position) of a drawn sample, row-major as the draws are
+            row = np.concatenate([np.full(len(step), r) for r, (step, _, _) in enumerate(drawn)])
+            step = np.concatenate([step for step, _, _ in drawn])
+            first = (np.cumsum(counts) - counts.ravel()).reshape(counts.shape)  # each (row, step)'s first draw
+            position = np.arange(len(row)) - first[row, step]
+            index[row, step, position] += np.concatenate([sample for _, sample, _ in drawn])
+        return torch.from_numpy(index), counts
 
     def train(self, clients: list[PrivateClient]) -> PrivateStackResult:
-        device, stacked, width = self.device, self.stacked, self.width
+        device, stacked = self.device, self.stacked
         sizes = [int(c.x.shape[0]) for c in clients]
         rates = [opacus_rate(n, self.batch_size) for n in sizes]
         steps = np.array([c.epochs * per_epoch for c, (_, per_epoch, _) in zip(clients, rates)])
@@ -219,33 +221,22 @@ class PrivateStackedTrainer:
         noises = [torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(clients[j].seed).generate_state(2)[1]))
                   for j in order.tolist()]
         weights = torch.stack([clients[j].start for j in order]).float()
-        pieces = [weights[:, lo:hi] for lo, hi in stacked.bounds]  # each parameter's columns, updated in place
-        expected = torch.tensor([float(rates[j][2]) for j in order], device=device)[:, None]
+        step_sizes = [self.lr / rates[j][2] for j in order.tolist()]  # lr over Opacus's expected batch size
+        scales = torch.tensor(step_sizes, device=device)
         x, y = torch.cat([c.x for c in clients]), torch.cat([c.y for c in clients])
         x_norms2 = x.flatten(1).square().sum(dim=1)  # once a call, not every step: each sample's ‖x‖²
         active = (steps[order][None, :] > np.arange(int(steps.max(initial=0)))[:, None]).sum(axis=1)
         std = self.noise_multiplier * self.clip_norm
         loss_sum, loss_batches = np.zeros(len(clients)), np.zeros(len(clients), dtype=np.int64)
+        noise = torch.empty(len(clients), stacked.dim, device=device)  # a step's noise, row by row
         for step, a in enumerate(active.tolist()):
             sizes_now = counts[:a, step]
-            summed, loss_sums = None, None
-            for b in range(max(1, -(-int(sizes_now.max()) // width))):  # each block's sums, added in block order
-                rows = index[:a, step, b * width : (b + 1) * width]
-                count = torch.from_numpy(np.clip(sizes_now - b * width, 0, width)).to(device)
-                part, losses = self.clipped_sum(weights[:a], gather(x, rows), gather(y, rows), count, gather(x_norms2, rows))
-                valid = (torch.arange(width, device=device)[None, :] < count[:, None]).float()
-                part_loss = torch.bmm(valid[:, None, :], losses[:, :, None])[:, 0, 0]
-                if b == 0:
-                    summed, loss_sums = part, part_loss
-                else:
-                    summed, loss_sums = [s + p for s, p in zip(summed, part)], loss_sums + part_loss
-            if std and step % NOISE_BLOCK == 0:  # the next NOISE_BLOCK steps' noise of every client still training
-                noise = self._noise(noises[:a], [int(steps[j]) - step for j in order[:a].tolist()])
-            with torch.no_grad():
-                for piece, grad, (lo, hi) in zip(pieces, summed, stacked.bounds):
-                    if std:
-                        grad += noise[:a, step % NOISE_BLOCK, lo:hi]
-                    piece[:a].add_(grad / expected[:a], alpha=-self.lr)
+            summed, loss_sums = self._step_sums(weights, scales, index, x, y, x_norms2, step, sizes_now)
+            with torch.no_grad():  # the step: minus lr / expected batch size times (clipped sum + noise)
+                if std:
+                    weights[:a].sub_(self._noise(noise[:a], noises[:a], step_sizes[:a]))
+                for grad, (lo, hi) in zip(summed, stacked.bounds):
+                    weights[:a, lo:hi].sub_(grad)
             mean = (loss_sums / torch.from_numpy(sizes_now).to(device).clamp(min=1)).cpu().numpy()
             nonempty = sizes_now > 0
             loss_sum[order[:a][nonempty]] += mean[nonempty]
@@ -264,13 +255,41 @@ class PrivateStackedTrainer:
         return PrivateStackResult(local=weights[torch.from_numpy(back).to(device)], steps=steps,
                                   mean_loss=mean_loss, accountant_states=states, epsilons=epsilons)
 
-    def _noise(self, generators: list[torch.Generator], left: list[int]) -> torch.Tensor:
-        """(clients, NOISE_BLOCK, D) Gaussian noise of std σ·C: each client's next min(NOISE_BLOCK, steps left)
-        steps' noise in one draw from its own generator (rows past its last step are zero)."""
+    def _step_sums(self, weights: torch.Tensor, scales: torch.Tensor, index: torch.Tensor, x: torch.Tensor,
+                   y: torch.Tensor, x_norms2: torch.Tensor, step: int,
+                   sizes: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The clipped sums, times ``scales``, and the summed losses of the first ``len(sizes)`` clients' batches
+        at ``step``, of ``sizes`` samples. A batch wider than the width goes on in further rows of the same
+        kernels, one a block of ``width`` samples, with their client's weights; their sums are added to its
+        own in block order."""
+        a, width, device = len(sizes), self.width, self.device
+        extra = [np.flatnonzero(sizes > b * width) for b in range(1, -(-int(sizes.max()) // width))]
+        if extra:
+            member = np.concatenate([np.arange(a), *extra])
+            block = np.concatenate([np.zeros(a, dtype=np.int64), *[np.full(len(e), b) for b, e in enumerate(extra, 1)]])
+            members, blocks = torch.from_numpy(member).to(device), torch.from_numpy(block).to(device)
+            rows = index[:, step].unflatten(1, (-1, width))[members, blocks]
+            own, scale = weights.index_select(0, members), scales.index_select(0, members)
+            left = sizes[member] - block * width
+        else:
+            rows, own, scale, left = index[:a, step, :width], weights[:a], scales[:a], sizes
+        count = torch.from_numpy(np.clip(left, 0, width)).to(device)
+        part, losses = self.clipped_sum(own, gather(x, rows), gather(y, rows), count, gather(x_norms2, rows), scale)
+        valid = (torch.arange(width, device=device)[None, :] < count[:, None]).float()
+        loss = torch.bmm(valid[:, None, :], losses[:, :, None])[:, 0, 0]
+        summed, loss_sums, start = [piece[:a] for piece in part], loss[:a], a
+        for e in extra:
+            at, end = torch.from_numpy(e).to(device), start + len(e)
+            for s, piece in zip(summed, part):
+                s.index_add_(0, at, piece[start:end])
+            loss_sums.index_add_(0, at, loss[start:end])
+            start = end
+        return summed, loss_sums
+
+    def _noise(self, out: torch.Tensor, generators: list[torch.Generator], scales: list[float]) -> torch.Tensor:
+        """``out`` (clients, D) filled with one step's Gaussian noise of std σ·C times each client's ``scales``,
+        each row in one draw from its client's own generator (randn's draws, times the std in the same pass)."""
         std = self.noise_multiplier * self.clip_norm
-        block = torch.empty(len(generators), NOISE_BLOCK, self.stacked.dim, device=self.device)
-        for row, (generator, steps) in enumerate(zip(generators, left)):
-            rows = min(NOISE_BLOCK, steps)
-            block[row, :rows].normal_(0.0, std, generator=generator)  # randn's draws, times std in the same pass
-            block[row, rows:] = 0.0
-        return block
+        for row, generator, scale in zip(out, generators, scales):
+            row.normal_(0.0, std * scale, generator=generator)
+        return out
