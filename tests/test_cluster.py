@@ -178,3 +178,27 @@ def test_the_embedded_ray_records_no_task_events(ray_session):
 
     assert ray.get(one.remote()) == 1
     assert ray.timeline() == []
+
+
+def test_await_exit_kills_a_process_stuck_in_its_exit_and_lets_one_that_ends_go():
+    """A worker process SIGTERMed by a stopping raylet can hang in Ray's C++ exit handlers and outlive it; before
+    stopping the embedded Ray the session waits for the server actor's process and SIGKILLs it past the deadline.
+    A process that ignores SIGTERM stands in for the hung one; one that ends by itself is waited for (its
+    zombie counts as ended) and not killed."""
+    from raysim.engine.cluster import await_exit
+
+    stuck = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                              "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert stuck.stdout.readline().strip() == "ready"
+    stuck.terminate()
+    start = time.monotonic()
+    assert await_exit(stuck.pid, seconds=0.3) is True
+    assert stuck.wait(timeout=10) == -9  # SIGKILL
+    assert 0.3 <= time.monotonic() - start < 10
+
+    ending = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    start = time.monotonic()
+    assert await_exit(ending.pid, seconds=20) is False
+    assert time.monotonic() - start < 10  # returned at its exit, not at the deadline
+    assert ending.wait(timeout=10) == 0
+    assert await_exit(ending.pid, seconds=1) is False  # reaped: no such process

@@ -148,6 +148,30 @@ def _swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
         setattr(owner, name, saved)
 
 
+def await_exit(pid: int, seconds: float = 2.0) -> bool:
+    """Wait until process ``pid`` on this machine has exited (a zombie has), and SIGKILL it if it is still running
+    after ``seconds``; returns whether it had to be killed. For a killed actor of the embedded Ray, before
+    ``ray.shutdown``: a worker process still running when its raylet stops gets a SIGTERM, and the exit that
+    starts can hang in Ray's own C++ exit handlers (a pubsub publisher's destructor waits on a mutex that the
+    io service's shutdown holds; seen in the server actor, about one run in 50), leaving the process behind,
+    orphaned, once its raylet is gone."""
+    import time
+
+    import psutil  # only at a session's close
+
+    try:
+        process = psutil.Process(pid)
+        deadline = time.monotonic() + seconds
+        while process.status() != psutil.STATUS_ZOMBIE:
+            if time.monotonic() > deadline:
+                process.kill()  # psutil checks the pid still names the process it found
+                return True
+            time.sleep(0.002)
+    except psutil.NoSuchProcess:
+        pass
+    return False
+
+
 def _probe(address: str) -> None:
     """Fail fast, with one line, when nothing listens at ``address``'s host and port."""
     target = address.removeprefix("ray://")

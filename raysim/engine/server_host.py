@@ -11,6 +11,7 @@ the server body receives only what the protocol releases to it, as in its own ac
 from __future__ import annotations
 
 import gc
+import os
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,10 @@ class ServerHost:
     def start(self, asynchronous: bool, *args: Any, **kwargs: Any) -> None:
         """Build the run's server (async: a ``run_round`` is a server step)."""
         self.server = self.kinds[asynchronous](*args, **kwargs)
+
+    def process_id(self) -> int:
+        """This actor's process (the session waits for it to exit before stopping the embedded Ray)."""
+        return os.getpid()
 
     def stop(self) -> None:
         """Drop the run's server and all it holds, as killing its own actor did (a failed run's stores are left

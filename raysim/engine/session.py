@@ -18,7 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raysim.config import ExecutorConfig, Scenario
-from raysim.engine.cluster import RayNotices, connect
+from raysim.engine.cluster import RayNotices, await_exit, connect
 from raysim.engine.pool import WorkerPool, shape_of
 
 _active: list[Session] = []  # entered sessions, innermost last
@@ -48,6 +48,7 @@ class Session:
         self.connected = self.owns_ray = False
         self._pool: WorkerPool | None = None
         self._host: Any = None
+        self._host_pid: ray.ObjectRef | None = None
         self.pools_started = 0  # how many pools this session has created (tests and reports)
         self.notices = RayNotices()
 
@@ -88,6 +89,7 @@ class Session:
 
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             self._host = ray.remote(num_cpus=0, scheduling_strategy=here)(ServerHost).remote()
+            self._host_pid = self._host.process_id.remote()
         return self._host
 
     def end_run(self, clean: bool) -> None:
@@ -102,18 +104,31 @@ class Session:
                 ray.get(self._host.stop.remote(), timeout=60)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 ray.kill(self._host)
-                self._host = None
+                self._host = self._host_pid = None
         if self._pool is not None and not self._pool.release():
             self._pool = None
 
     def discard(self) -> None:
-        """Stop the actors; the next run starts new ones."""
+        """Stop the actors; the next run starts new ones. On the embedded Ray, the server actor's process has
+        exited when this returns (``cluster.await_exit``), so stopping Ray next cannot orphan it."""
         if self._pool is not None:
             self._pool.kill()
             self._pool = None
         if self._host is not None:
+            pid = self._host_process() if self.owns_ray else None
             ray.kill(self._host)
-            self._host = None
+            self._host = self._host_pid = None
+            if pid is not None:
+                await_exit(pid)
+
+    def _host_process(self) -> int | None:
+        """The server actor's process id, asked for when it was created (None if it never answered)."""
+        if self._host_pid is None:
+            return None
+        try:
+            return int(ray.get(self._host_pid, timeout=5))
+        except ray.exceptions.RayError:
+            return None
 
     def run(self, scenario: Scenario, resume: Path | None = None) -> Any:
         """``raysim.run`` for a parsed scenario, in this session."""
